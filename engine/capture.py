@@ -1,0 +1,198 @@
+"""Recording what the model computes, during a generation, without changing what it computes.
+
+MLX modules have no forward hooks. For the duration of one request we swap the class of each
+module we need (embedding, decoder block, attention, MLP, norms) for a subclass whose
+`__call__` calls the original and keeps a reference to its input or output; only those
+instances change, parameter names stay. Q/K/V, scores and patterns come from the attention
+seam: the model file's `scaled_dot_product_attention`, which receives post-RoPE queries and
+keys, keys/values joined with the KV cache, the mask and the scale. Scores and patterns are
+computed beside the fused kernel, never instead of it, so logits stay bit-identical.
+
+Hooks only keep lazy array references; `end_step` hands them to the generation loop, which
+evaluates them with the step's logits. Nothing is copied to numpy on the hot path.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import mlx.core as mx
+
+from engine.hooks import CaptureOptions, HookTarget, module_path
+from engine.model import LoadedModel
+from engine.records import HookRecord, StepTensor
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+# Only one capture may be installed at a time: generation is serialised by the server, and this
+# lock makes a second, concurrent capture wait instead of seeing the first one's hooks.
+_INSTALL_LOCK = threading.Lock()
+_active: "Capture | None" = None
+_tapped_classes: dict[type, type] = {}
+
+
+def _tapped_class(cls: type) -> type:
+    """A subclass of `cls` whose __call__ reports (module, input, output) to the active capture."""
+    sub = _tapped_classes.get(cls)
+    if sub is None:
+        def __call__(self, x, *args, **kwargs):
+            capture = _active
+            if capture is None:
+                return cls.__call__(self, x, *args, **kwargs)
+            return capture._on_module(self, cls, x, args, kwargs)
+
+        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        _tapped_classes[cls] = sub
+    return sub
+
+
+def attention_scores(queries: mx.array, keys: mx.array, scale: float, mask) -> mx.array:
+    """Scaled pre-softmax scores [B, H, T_q, T_k] with the mask applied as the fused kernel does."""
+    n_heads, n_kv = queries.shape[1], keys.shape[1]
+    if n_heads != n_kv:
+        keys = mx.repeat(keys, n_heads // n_kv, axis=1)
+    scores = (queries.astype(mx.float32) * scale) @ keys.astype(mx.float32).swapaxes(-1, -2)
+    if mask is None:
+        return scores
+    if isinstance(mask, str):  # "causal": query i sits at absolute position T_k - T_q + i
+        t_q, t_k = scores.shape[-2:]
+        mask = mx.arange(t_k - t_q, t_k)[:, None] >= mx.arange(t_k)[None]
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
+    return scores + mask
+
+
+class Capture:
+    """The activations of one request: one HookRecord per (hook, direction), one StepTensor per step."""
+
+    def __init__(self, lm: LoadedModel, targets: list[HookTarget], options: CaptureOptions = CaptureOptions()):
+        self.options = options
+        self.records: list[HookRecord] = [
+            HookRecord(
+                hook_id=t.hook_id, layer_name=t.layer_name, module_path=module_path(lm, t), layer_index=t.layer,
+                component=t.component, is_input=t.is_input, dtype=options.dtype,
+            )
+            for t in targets
+        ]
+        self._targets = targets
+        self._dtype = _DTYPES[options.dtype]
+        self._taps: dict[int, list[tuple[HookTarget, HookRecord]]] = {}  # id(module) -> what to keep
+        self._sdpa_taps: dict[int, list[tuple[HookTarget, HookRecord]]] = {}  # layer -> q/k/v/scores/pattern
+        self._attn_layer: dict[int, int] = {}  # id(attention module) -> layer, for the seam
+        self._seam_layer: int | None = None
+        self._step, self._start, self._recording = 0, 0, False
+        self._pending: list[mx.array] = []
+        self._modules = self._collect_modules(lm)
+
+    def _collect_modules(self, lm: LoadedModel) -> list:
+        arch, model = lm.arch, lm.model
+        layers = arch.layers(model)
+
+        def site_module(t: HookTarget):
+            if t.site == "embed":
+                return arch.embedding(model)
+            if t.site == "lnf":
+                return arch.final_norm(model)
+            block = layers[t.layer]
+            attr = {"block": None, "attn": arch.attn_attr, "sdpa": arch.attn_attr, "mlp": arch.mlp_attr,
+                    "ln1": arch.ln1_attr, "ln2": arch.ln2_attr}[t.site]
+            return block if attr is None else getattr(block, attr)
+
+        modules = {}
+        for t, rec in zip(self._targets, self.records):
+            module = site_module(t)
+            modules[id(module)] = module
+            if t.site == "sdpa":
+                self._attn_layer[id(module)] = t.layer
+                self._sdpa_taps.setdefault(t.layer, []).append((t, rec))
+            else:
+                self._taps.setdefault(id(module), []).append((t, rec))
+        self._model_module = sys.modules[type(model).__module__]
+        return list(modules.values())
+
+    # --- installed for the duration of a generation -------------------------------------------
+    @contextmanager
+    def installed(self, lm: LoadedModel) -> Iterator["Capture"]:
+        global _active
+        with _INSTALL_LOCK:
+            originals = [(m, type(m)) for m in self._modules]
+            seam_owner = self._model_module
+            original_sdpa = getattr(seam_owner, "scaled_dot_product_attention", None)
+            if self._sdpa_taps and original_sdpa is None:
+                raise RuntimeError(f"{seam_owner.__name__} has no scaled_dot_product_attention seam")
+            try:
+                for module, cls in originals:
+                    module.__class__ = _tapped_class(cls)
+                if self._sdpa_taps:
+                    seam_owner.scaled_dot_product_attention = self._seam(original_sdpa)
+                _active = self
+                yield self
+            finally:
+                _active = None
+                for module, cls in originals:
+                    module.__class__ = cls
+                if self._sdpa_taps:
+                    seam_owner.scaled_dot_product_attention = original_sdpa
+
+    def begin_step(self, step: int, start: int) -> None:
+        self._step, self._start = step, start
+        positions = self.options.positions
+        self._recording = positions == "all" or positions == "last" or (positions == "prompt") == (step == 0)
+        self._pending = []
+
+    def end_step(self) -> list[mx.array]:
+        """The arrays recorded during this step, for the caller to evaluate with the logits."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    # --- recording ---------------------------------------------------------------------------
+    def _keep(self, rec: HookRecord, array: mx.array, token_axis: int) -> None:
+        n = array.shape[token_axis]
+        start = self._start
+        if self.options.positions == "last" and n > 1:
+            array = array[-1:] if token_axis == 0 else array[:, -1:]
+            start += n - 1
+        if array.dtype != self._dtype:
+            array = array.astype(self._dtype)
+        rec.steps.append(StepTensor(self._step, start, array))
+        self._pending.append(array)
+
+    def _on_module(self, module, cls: type, x, args, kwargs):
+        layer = self._attn_layer.get(id(module))
+        if layer is not None:
+            self._seam_layer = layer
+        try:
+            out = cls.__call__(module, x, *args, **kwargs)
+        finally:
+            self._seam_layer = None
+        if self._recording:
+            for t, rec in self._taps.get(id(module), ()):
+                self._keep(rec, (x if t.is_input else out)[0], 0)
+        return out
+
+    def _seam(self, original):
+        def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
+            out = original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
+            layer = self._seam_layer
+            if layer is None or not self._recording or layer not in self._sdpa_taps:
+                return out
+            t_q = queries.shape[2]
+            scores = None
+            for t, rec in self._sdpa_taps[layer]:
+                if t.component == "query":
+                    self._keep(rec, queries[0], 1)
+                elif t.component in ("key", "value"):  # this step's tokens; earlier ones are in earlier steps
+                    self._keep(rec, (keys if t.component == "key" else values)[0, :, -t_q:, :], 1)
+                else:
+                    if scores is None:
+                        scores = attention_scores(queries, keys, scale, mask)[0]
+                    if t.component == "attention_scores":
+                        self._keep(rec, scores, 1)
+                    else:
+                        self._keep(rec, mx.softmax(scores, axis=-1, precise=True), 1)
+            return out
+
+        return scaled_dot_product_attention

@@ -1,0 +1,164 @@
+"""Loading a model (mlx-lm folder, Hugging Face repo id, or GGUF file) and describing it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import engine  # noqa: F401  (loads OpenBLAS before mlx.core)
+from engine import paths
+from engine.architectures import ARCHITECTURES, Architecture
+from engine.errors import InvalidRequest, ModelLoadError, ModelNotFound, UnsupportedArchitecture
+from engine.progress import Progress
+
+log = logging.getLogger("nsbridge.engine")
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Used when a model's tokenizer carries no chat template (e.g. base models, tiny test models).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    architecture: str  # mlx-lm model_type, e.g. "llama"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    vocab_size: int
+    context_length: int
+    dtype: str
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # mlx_lm model (nn.Module)
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    info: ModelInfo
+    arch: Architecture
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` rendered with the chat template, ending with the assistant's turn."""
+        validate_messages(messages)
+        tok = self.tokenizer
+        template = getattr(tok, "chat_template", None)
+        kwargs = {} if template else {"chat_template": FALLBACK_CHAT_TEMPLATE}
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        return tok.encode(text, add_special_tokens=False)
+
+
+def validate_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+            raise InvalidRequest(
+                f"messages[{i}] must be an object with 'role' one of system, user, assistant", f"messages[{i}].role"
+            )
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text parts
+            parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            m["content"] = content = "".join(parts)
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
+
+
+def _gguf_folder(path: Path, progress: Progress | None) -> Path:
+    from engine.gguf import convert_gguf
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = paths.models_dir() / f"{path.stem}-{key}-f32"
+    if not (out / "config.json").exists():
+        log.info("converting %s to a float32 mlx-lm folder in %s", path.name, out)
+        convert_gguf(path, out, progress=progress or Progress("converting " + path.name))
+    return out
+
+
+def resolve_model_path(model_path: str, progress: Progress | None = None) -> tuple[str, bool]:
+    """Turn what a client sent into something mlx_lm.load accepts; returns (path_or_repo, is_local)."""
+    if not isinstance(model_path, str) or not model_path.strip():
+        raise InvalidRequest("'model_path' must be a non-empty string", "model_path")
+    p = Path(model_path).expanduser()
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return str(_gguf_folder(p, progress)), True
+        raise ModelLoadError(f"{model_path} is a file but not a GGUF model; give a model folder or a .gguf file")
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"{model_path} is not a model folder: it has no config.json")
+        return str(p), True
+    if _REPO_ID.match(model_path) and not model_path.startswith((".", "/", "~")):
+        return model_path, False
+    raise ModelNotFound(f"model path {model_path!r} does not exist", "model_path")
+
+
+def load_model(model_path: str, model_id: str | None = None, progress: Progress | None = None) -> LoadedModel:
+    import mlx.core as mx
+    import mlx_lm
+
+    target, is_local = resolve_model_path(model_path, progress)
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer = mlx_lm.load(target)
+    except (FileNotFoundError, OSError) as exc:
+        kind = ModelLoadError if is_local else ModelNotFound
+        raise kind(f"cannot load {model_path!r}: {exc}", "model_path") from exc
+    except Exception as exc:  # mlx-lm raises ValueError for unknown model types, etc.
+        raise ModelLoadError(f"cannot load {model_path!r}: {exc}", "model_path") from exc
+
+    model_type = getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", "?")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"architecture {model_type!r} is not supported for activation capture; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}",
+            "model_path",
+        )
+    arch = ARCHITECTURES[model_type]
+    layers = arch.layers(model)
+    attn = arch.attention(layers[0])
+    n_heads = int(arch.n_heads(model.args))
+    n_kv_heads = int(arch.n_kv_heads(model.args))
+    d_model = int(arch.d_model(model.args))
+    embed = arch.embedding(model)
+    d_head = int(getattr(attn, "head_dim", d_model // n_heads))
+    info = ModelInfo(
+        model_id=model_id or default_model_id(model_path),
+        architecture=model_type,
+        n_layers=len(layers),
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        d_head=d_head,
+        vocab_size=int(embed.weight.shape[0]),
+        context_length=int(arch.context_length(model.args)),
+        dtype=str(embed.weight.dtype).removeprefix("mlx.core."),
+        source=str(model_path),
+    )
+    mx.eval(model.parameters())
+    log.info(
+        "loaded %s (%s, %d layers, d_model %d, %d heads / %d kv heads, %s) in %.1fs",
+        info.model_id, model_type, info.n_layers, d_model, n_heads, n_kv_heads, info.dtype, time.perf_counter() - t0,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, arch=arch)
+
+
+def default_model_id(model_path: str) -> str:
+    name = Path(model_path.rstrip("/")).name or model_path
+    name = re.sub(r"\.gguf$", "", name, flags=re.I)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower() or "model"
