@@ -1,0 +1,185 @@
+"""The Arrow layout of one capture (`nsbridge.activations/1`); docs/shm-format.md is the spec.
+
+One capture is one Arrow IPC stream holding one record batch. A row is one processed token
+(prompt tokens of the prefill, then one per decode step); columns `step`, `position` and
+`token_id` say which, and every hook is one `arrow.fixed_shape_tensor` column whose cell is
+that token's tensor. So a hook over all steps is a single contiguous [rows, *shape] array.
+
+This module is shared by the writer and the reader and imports neither MLX nor the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = "nsbridge.activations/1"
+
+STEP, POSITION, TOKEN_ID = "step", "position", "token_id"
+RESERVED_COLUMNS = (STEP, POSITION, TOKEN_ID)
+
+VECTOR_COMPONENTS = ("embedding", "residual", "attention", "mlp", "layernorm")
+HEAD_COMPONENTS = ("query", "key", "value")
+ATTENTION_COMPONENTS = ("attention_scores", "attention_pattern")
+
+# Per-token dimension names (the row axis is the token). Q/K/V are stored token-major
+# ([T, H, d_head], TransformerLens' hook_q layout); scores/patterns as [T_q, H, T_k].
+DIM_NAMES = {
+    **{c: ["d_model"] for c in VECTOR_COMPONENTS},
+    **{c: ["head", "d_head"] for c in HEAD_COMPONENTS},
+    **{c: ["head", "key"] for c in ATTENTION_COMPONENTS},
+}
+
+# The key axis of scores/patterns grows with each decode step; rows are padded to the final
+# length. Both pads are exact: the causal mask puts -inf on future keys (scores) and softmax
+# gives them probability 0 (pattern).
+KEY_PAD = {"attention_scores": -math.inf, "attention_pattern": 0.0}
+
+# Storage type per logical dtype. Arrow has no bfloat16: its bits travel as uint16.
+STORAGE = {
+    "float32": (np.dtype(np.float32), pa.float32()),
+    "float16": (np.dtype(np.float16), pa.float16()),
+    "bfloat16": (np.dtype(np.uint16), pa.uint16()),
+}
+
+_P = "nsbridge."  # prefix of every metadata key this format defines
+
+
+def pad_bits(component: str, dtype: str) -> Any:
+    """The key-axis pad as a scalar of the storage dtype (bfloat16: its uint16 bits)."""
+    value = KEY_PAD[component]
+    if dtype == "bfloat16":
+        f32 = np.array([value], dtype=np.float32).view(np.uint32)[0]
+        return np.uint16(f32 >> 16)  # exact for -inf and 0.0
+    return STORAGE[dtype][0].type(value)
+
+
+def hook_field(
+    *,
+    hook_id: str,
+    layer_name: str,
+    module_path: str,
+    layer_index: int | None,
+    component: str,
+    is_input: bool,
+    dtype: str,
+    shape: tuple[int, ...],
+) -> pa.Field:
+    """The column of one hook: a fixed-shape tensor per token plus descriptive metadata."""
+    if hook_id in RESERVED_COLUMNS:
+        raise ValueError(f"hook_id {hook_id!r} collides with a reserved column name")
+    if dtype not in STORAGE:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(STORAGE)}")
+    names = DIM_NAMES.get(component)
+    if names is None or len(names) != len(shape):
+        names = [f"dim{i}" for i in range(len(shape))]
+    tensor_type = pa.fixed_shape_tensor(STORAGE[dtype][1], list(shape), dim_names=names)
+    meta = {
+        _P + "hook_id": hook_id,
+        _P + "layer_name": layer_name,
+        _P + "module_path": module_path,
+        _P + "layer_index": json.dumps(layer_index),
+        _P + "component": component,
+        _P + "is_input": json.dumps(bool(is_input)),
+        _P + "dtype": dtype,
+        _P + "shape": json.dumps(list(shape)),
+        _P + "dim_names": json.dumps(["token", *names]),
+    }
+    if component in KEY_PAD:
+        # "-Infinity" / "0.0": parse with float() (Python) or Number() (JavaScript).
+        meta[_P + "key_pad"] = "-Infinity" if KEY_PAD[component] < 0 else "0.0"
+    return pa.field(hook_id, tensor_type, nullable=False, metadata=meta)
+
+
+def capture_schema(
+    fields: list[pa.Field],
+    *,
+    capture_id: str,
+    model_id: str,
+    token_ids: list[int],
+    tokens: list[str],
+    prompt_tokens: int,
+) -> pa.Schema:
+    """The stream's schema: reserved row columns, then one column per hook."""
+    meta = {
+        _P + "format": FORMAT_VERSION,
+        _P + "capture_id": capture_id,
+        _P + "model_id": model_id,
+        _P + "prompt_tokens": str(int(prompt_tokens)),
+        _P + "token_ids": json.dumps([int(t) for t in token_ids]),
+        _P + "tokens": json.dumps(list(tokens), ensure_ascii=False),
+    }
+    rows = [pa.field(name, pa.int32(), nullable=False) for name in RESERVED_COLUMNS]
+    return pa.schema(rows + fields, metadata=meta)
+
+
+@dataclass(frozen=True)
+class CaptureInfo:
+    format: str
+    capture_id: str
+    model_id: str
+    prompt_tokens: int
+    token_ids: list[int]
+    tokens: list[str]
+
+
+@dataclass(frozen=True)
+class HookInfo:
+    hook_id: str
+    layer_name: str
+    module_path: str
+    layer_index: int | None
+    component: str
+    is_input: bool
+    dtype: str  # logical dtype; "bfloat16" data is stored as uint16 bits
+    shape: tuple[int, ...]  # per token
+    dim_names: tuple[str, ...]  # including the leading "token" axis
+    key_pad: float | None  # pad of the key axis (scores/patterns), else None
+
+
+def _meta(md: dict[bytes, bytes] | None) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (md or {}).items() if k.startswith(_P.encode())}
+
+
+def parse_schema(schema: pa.Schema) -> CaptureInfo:
+    m = _meta(schema.metadata)
+    fmt = m.get(_P + "format", "")
+    if fmt.split("/")[0] != FORMAT_VERSION.split("/")[0]:
+        raise ValueError(f"not an nsbridge activations stream (format={fmt!r})")
+    if fmt != FORMAT_VERSION:
+        raise ValueError(f"unsupported format version {fmt!r}; this reader knows {FORMAT_VERSION}")
+    return CaptureInfo(
+        format=fmt,
+        capture_id=m[_P + "capture_id"],
+        model_id=m[_P + "model_id"],
+        prompt_tokens=int(m[_P + "prompt_tokens"]),
+        token_ids=json.loads(m[_P + "token_ids"]),
+        tokens=json.loads(m[_P + "tokens"]),
+    )
+
+
+def parse_field(field: pa.Field) -> HookInfo:
+    m = _meta(field.metadata)
+    pad = m.get(_P + "key_pad")
+    return HookInfo(
+        hook_id=m[_P + "hook_id"],
+        layer_name=m[_P + "layer_name"],
+        module_path=m[_P + "module_path"],
+        layer_index=json.loads(m[_P + "layer_index"]),
+        component=m[_P + "component"],
+        is_input=json.loads(m[_P + "is_input"]),
+        dtype=m[_P + "dtype"],
+        shape=tuple(json.loads(m[_P + "shape"])),
+        dim_names=tuple(json.loads(m[_P + "dim_names"])),
+        key_pad=None if pad is None else float(pad),
+    )
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Decode bfloat16 stored as uint16 bits (a copy; exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
