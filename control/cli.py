@@ -1,0 +1,90 @@
+"""`nsbridge`: serve a model, or fetch the default model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import engine  # noqa: F401  (OpenBLAS before mlx.core)
+
+
+def _size(text: str) -> int:
+    """Parse sizes like 512M, 2G, 1048576."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nsbridge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over HTTP")
+    serve.add_argument("--host", default=os.environ.get("NSBRIDGE_HOST", "127.0.0.1"),
+                       help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("NSBRIDGE_PORT", "8080")))
+    serve.add_argument("--model", help="model folder, .gguf file or Hugging Face repo id (default: SmolLM2-135M)")
+    serve.add_argument("--model-id", help="the id clients see (default: from the path)")
+    serve.add_argument("--no-model", action="store_true", help="start without a model; load one with the API")
+    serve.add_argument("--api-key", default=os.environ.get("NSBRIDGE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (env NSBRIDGE_API_KEY)")
+    serve.add_argument("--cors-origin", action="append", default=[],
+                       help="allow this browser origin (repeatable); CORS is off by default")
+    serve.add_argument("--allow-model-dir", action="append", default=[], type=Path,
+                       help="directory clients may load models from without an API key (repeatable)")
+    serve.add_argument("--state-dir", help="where the shared-memory registry lives (default: cache dir)")
+    serve.add_argument("--shm-budget", type=_size, help="total bytes of live captures in /dev/shm (e.g. 2G)")
+    serve.add_argument("--shm-ttl", type=float, default=600.0, help="seconds a capture lives unless released")
+    serve.add_argument("--capture-budget", type=_size, default=2 << 30,
+                       help="largest capture one request may ask for (default 2G)")
+    serve.add_argument("--queue-size", type=int, default=16, help="requests waiting before 503 (default 16)")
+    serve.add_argument("--log-level", default="info")
+    sub.add_parser("fetch-default", help="download and convert the default model into the cache")
+    args = parser.parse_args(argv)
+
+    if args.command == "fetch-default":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from engine.default_model import ensure_default_model
+
+        print(ensure_default_model())
+        return 0
+    return serve_command(args)
+
+
+def serve_command(args) -> int:
+    import uvicorn
+
+    from control.app import AppConfig, create_app
+    from control.service import ModelService, ServiceConfig
+    from engine.blas import BLAS_IN_USE
+    from engine.errors import NSBridgeError
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("nsbridge")
+    log.info("BLAS in use: %s", BLAS_IN_USE)
+    config = AppConfig(
+        service=ServiceConfig(allowed_model_dirs=args.allow_model_dir, allow_any_model=bool(args.api_key),
+                              capture_budget_bytes=args.capture_budget, queue_size=args.queue_size),
+        api_key=args.api_key, cors_origins=args.cors_origin, shm_ttl_s=args.shm_ttl,
+        shm_budget_bytes=args.shm_budget, state_dir=args.state_dir,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
+    service = ModelService(config.service)
+    if not args.no_model:
+        try:
+            service.load(args.model, args.model_id)
+        except NSBridgeError as exc:
+            log.error("cannot load the model: %s", exc.message)
+            return 2
+    app = create_app(config, service)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Activations as inline JSON entries (the original contract, what NeuroScope reads).
+
+`data` is nested lists of numbers matching `shape`, written by orjson straight from the numpy
+buffer: no Python float objects are made per value. `activations_encoding: "base64"` opts in to
+raw little-endian bytes instead (one Float32Array view on the JavaScript side).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+
+from engine.records import CaptureResult, HookRecord, StepTensor, to_numpy
+
+ENCODINGS = ("json", "base64")
+
+
+def _values(rec: HookRecord, st: StepTensor) -> np.ndarray:
+    a = to_numpy(st.array)
+    if rec.dtype == "bfloat16":  # bits -> float32 values (exact: bfloat16 is float32's top half)
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(a)
+
+
+def step_entry(rec: HookRecord, st: StepTensor, encoding: str = "json") -> dict:
+    values = _values(rec, st)
+    n = st.array.shape[rec.token_axis]
+    entry = {
+        "hook_id": rec.hook_id,
+        "layer_name": rec.layer_name,
+        "component": rec.component,
+        "shape": list(values.shape),
+        "dtype": rec.dtype,
+        "is_input": rec.is_input,
+        "step": st.step,
+        "positions": [st.start, st.start + n],
+        "module_path": rec.module_path,
+    }
+    if encoding == "base64":
+        raw = np.ascontiguousarray(to_numpy(st.array))  # bfloat16 stays bits: its dtype says how to read them
+        entry["data_base64"] = base64.b64encode(raw.astype(raw.dtype.newbyteorder("<"), copy=False)).decode()
+        entry["encoding"] = "base64"
+    else:
+        entry["data"] = values  # orjson with OPT_SERIALIZE_NUMPY writes the nested lists
+    return entry
+
+
+def entries_for_steps(records: list[HookRecord], steps: set[int] | None = None, encoding: str = "json") -> dict:
+    """{hook_id: [entry, ...]} in step order, input before output within a step."""
+    out: dict[str, list[tuple[int, bool, dict]]] = {}
+    for rec in records:
+        for st in rec.steps:
+            if steps is None or st.step in steps:
+                out.setdefault(rec.hook_id, []).append((st.step, not rec.is_input, step_entry(rec, st, encoding)))
+    return {hook_id: [e for _, _, e in sorted(items, key=lambda x: (x[0], x[1]))] for hook_id, items in out.items()}
+
+
+def inline_activations(capture: CaptureResult, encoding: str = "json") -> dict:
+    return entries_for_steps(capture.hooks, None, encoding)
