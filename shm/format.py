@@ -10,6 +10,7 @@ This module is shared by the writer and the reader and imports neither MLX nor t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -59,6 +60,24 @@ def pad_bits(component: str, dtype: str) -> Any:
     return STORAGE[dtype][0].type(value)
 
 
+def column_names(hooks: list[tuple[str, bool]]) -> list[str]:
+    """Unique column names for (hook_id, is_input) pairs, in order. A hook captured both as
+    input and output shares one hook_id, so a repeated id becomes `<id>:input` or
+    `<id>:output`, then `#2`, `#3`...; the field metadata keeps the real hook_id."""
+    seen = set(RESERVED_COLUMNS)
+    out = []
+    for hook_id, is_input in hooks:
+        name = hook_id
+        if name in seen:
+            base = f"{hook_id}:input" if is_input else f"{hook_id}:output"
+            name, n = base, 2
+            while name in seen:
+                name, n = f"{base}#{n}", n + 1
+        seen.add(name)
+        out.append(name)
+    return out
+
+
 def hook_field(
     *,
     hook_id: str,
@@ -68,11 +87,31 @@ def hook_field(
     component: str,
     is_input: bool,
     dtype: str,
+    shape: tuple[int, ...] | list[int],
+    name: str | None = None,
+) -> pa.Field:
+    """The column of one hook: a fixed-shape tensor per token plus descriptive metadata.
+    `name` is the column name (default: the hook_id; see `column_names`)."""
+    return _hook_field(
+        name or hook_id, hook_id, layer_name, module_path, layer_index, component, bool(is_input), dtype,
+        tuple(int(d) for d in shape),
+    )
+
+
+@functools.lru_cache(maxsize=4096)  # the same hooks come back request after request
+def _hook_field(
+    name: str,
+    hook_id: str,
+    layer_name: str,
+    module_path: str,
+    layer_index: int | None,
+    component: str,
+    is_input: bool,
+    dtype: str,
     shape: tuple[int, ...],
 ) -> pa.Field:
-    """The column of one hook: a fixed-shape tensor per token plus descriptive metadata."""
-    if hook_id in RESERVED_COLUMNS:
-        raise ValueError(f"hook_id {hook_id!r} collides with a reserved column name")
+    if name in RESERVED_COLUMNS:
+        raise ValueError(f"column name {name!r} is reserved")
     if dtype not in STORAGE:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(STORAGE)}")
     names = DIM_NAMES.get(component)
@@ -93,20 +132,17 @@ def hook_field(
     if component in KEY_PAD:
         # "-Infinity" / "0.0": parse with float() (Python) or Number() (JavaScript).
         meta[_P + "key_pad"] = "-Infinity" if KEY_PAD[component] < 0 else "0.0"
-    return pa.field(hook_id, tensor_type, nullable=False, metadata=meta)
+    return pa.field(name, tensor_type, nullable=False, metadata=meta)
 
 
-def capture_schema(
-    fields: list[pa.Field],
-    *,
-    capture_id: str,
-    model_id: str,
-    token_ids: list[int],
-    tokens: list[str],
-    prompt_tokens: int,
-) -> pa.Schema:
-    """The stream's schema: reserved row columns, then one column per hook."""
-    meta = {
+ROW_FIELDS = [pa.field(name, pa.int32(), nullable=False) for name in RESERVED_COLUMNS]
+
+
+def capture_metadata(
+    *, capture_id: str, model_id: str, token_ids: list[int], tokens: list[str], prompt_tokens: int
+) -> dict[str, str]:
+    """The schema metadata that describes one capture."""
+    return {
         _P + "format": FORMAT_VERSION,
         _P + "capture_id": capture_id,
         _P + "model_id": model_id,
@@ -114,8 +150,11 @@ def capture_schema(
         _P + "token_ids": json.dumps([int(t) for t in token_ids]),
         _P + "tokens": json.dumps(list(tokens), ensure_ascii=False),
     }
-    rows = [pa.field(name, pa.int32(), nullable=False) for name in RESERVED_COLUMNS]
-    return pa.schema(rows + fields, metadata=meta)
+
+
+def capture_schema(fields: list[pa.Field], **meta: Any) -> pa.Schema:
+    """The stream's schema: reserved row columns, then one column per hook."""
+    return pa.schema(ROW_FIELDS + fields, metadata=capture_metadata(**meta))
 
 
 @dataclass(frozen=True)

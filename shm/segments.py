@@ -46,6 +46,20 @@ def _require_posix() -> None:
         raise OSError("POSIX shared memory is not available on this platform")
 
 
+def _reserve(fd: int, size: int) -> None:
+    """Size the segment once (no growth later)."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            # Allocates the tmpfs pages now: a full /dev/shm fails here with ENOSPC instead of
+            # killing the process with SIGBUS on a later write.
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    os.ftruncate(fd, size)  # macOS: one ftruncate is all its shm allows
+
+
 class Segment:
     """One mapped segment. The producer creates it read-write; readers attach read-only."""
 
@@ -65,12 +79,7 @@ class Segment:
         fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
             try:
-                if hasattr(os, "posix_fallocate"):
-                    # Reserves tmpfs pages now: a full /dev/shm fails here with ENOSPC instead
-                    # of killing the process with SIGBUS on a later write.
-                    os.posix_fallocate(fd, 0, size)
-                else:  # macOS: one ftruncate is all shm allows
-                    os.ftruncate(fd, size)
+                _reserve(fd, size)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                     raise ShmSpaceError(
