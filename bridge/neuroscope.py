@@ -1,0 +1,446 @@
+"""Hook specs for NeuroScope's analyses, and captures converted into NeuroScope's format.
+
+The format (`neuroscope.activations/1`, specified in docs/neuroscope-format.md):
+
+    {"format": "neuroscope.activations/1",
+     "model_id": str, "capture_id": str | None,
+     "tokens": [str, ...],          # text of every position (prompt, then generated)
+     "token_ids": [int, ...],       # may be empty (a streamed inline capture carries no ids)
+     "prompt_tokens": int | None,
+     "layers": {layer_key: {component_key: tensor}}}
+
+    layer_key: "transformer.h.N" (decoder layer N), "transformer.wte" (embedding),
+               "transformer.ln_f" (final norm)
+    component_key: the component ("residual", "attention_pattern", ...); ".input" appended
+               for a capture_input tensor; a second hook with the same key is stored under
+               its hook_id instead.
+    tensor: {"data": np.ndarray float32 (C-contiguous, shape == "shape"),
+             "shape": [...], "dims": [...], "dtype": "float32", "source_dtype": str,
+             "component", "is_input", "hook_id", "layer_name", "module_path", "layer",
+             "positions": [int per row of the seq axis], "tokens": [str per row],
+             "key_tokens": [str per key]   (attention only)}
+      vectors (embedding, residual, attention, mlp, layernorm): [1, seq, d_model]
+      per head (query, key, value):                            [1, seq, n_heads, d_head]
+      attention (attention_scores, attention_pattern):         [n_heads, seq, n_keys]
+
+Steps are concatenated along seq (prefill rows, then one row per decode step). A decode
+step's attention row covers the keys seen so far; it is padded to n_keys with what the
+causal mask gives: 0.0 for patterns, -inf for scores. With activation_positions "all"
+(the default) seq == n_keys == len(tokens): the full causal seq x seq matrix per head.
+
+float32 captures convert losslessly; float16 and bfloat16 are widened to float32 exactly.
+`to_jsonable` gives the JSON form NeuroScope's JavaScript side reads ({data, shape, dtype},
+data as base64 of little-endian float32, one Float32Array view).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+FORMAT = "neuroscope.activations/1"
+
+COMPONENTS = (
+    "residual", "attention", "mlp", "embedding", "layernorm",
+    "attention_scores", "attention_pattern", "key", "query", "value",
+)
+VECTOR_COMPONENTS = ("embedding", "residual", "attention", "mlp", "layernorm")
+HEAD_COMPONENTS = ("query", "key", "value")
+ATTENTION_COMPONENTS = ("attention_scores", "attention_pattern")
+KEY_PAD = {"attention_scores": -np.inf, "attention_pattern": 0.0}
+# The axis of the query tokens in the server's inline per-step entries.
+INLINE_TOKEN_AXIS = {**{c: 0 for c in VECTOR_COMPONENTS}, **{c: 1 for c in HEAD_COMPONENTS + ATTENTION_COMPONENTS}}
+DIMS = {
+    **{c: ["batch", "seq", "d_model"] for c in VECTOR_COMPONENTS},
+    **{c: ["batch", "seq", "head", "d_head"] for c in HEAD_COMPONENTS},
+    **{c: ["head", "query", "key"] for c in ATTENTION_COMPONENTS},
+}
+EMBEDDING_LAYER = "transformer.wte"
+FINAL_NORM_LAYER = "transformer.ln_f"
+_LAYER_IN_PATH = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
+
+
+def neuroscope_layer_name(layer: int | None, component: str) -> str:
+    if layer is not None:
+        return f"transformer.h.{layer}"
+    return EMBEDDING_LAYER if component == "embedding" else FINAL_NORM_LAYER
+
+
+# --- the intermediate form: one hook, token-major rows ----------------------------------
+@dataclass
+class HookRows:
+    """One hook's tensor over a whole capture, token-major: `data[rows, *per_token]` float32
+    (attention: [rows, n_heads, n_keys], keys padded), with each row's step and position."""
+
+    hook_id: str
+    layer_name: str
+    module_path: str
+    layer: int | None
+    component: str
+    is_input: bool
+    source_dtype: str
+    data: np.ndarray
+    step: np.ndarray
+    position: np.ndarray
+
+
+def _layer_from_path(module_path: str | None, layer_name: str | None) -> int | None:
+    for text in (module_path, layer_name):
+        m = _LAYER_IN_PATH.search(text or "")
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def rows_from_entries(activations: dict) -> list[HookRows]:
+    """The server's inline {hook_id: [entry per step]} -> HookRows (one per hook/direction)."""
+    from bridge.client import entry_array
+
+    out: list[HookRows] = []
+    for hook_id, entries in activations.items():
+        groups: dict[bool, list[dict]] = {}
+        for e in entries:
+            if "handle" in e and "data" not in e and "data_base64" not in e:
+                raise ValueError(f"hook {hook_id!r}: a shared-memory entry has no data; convert the ShmCapture")
+            groups.setdefault(bool(e.get("is_input")), []).append(e)
+        for is_input in sorted(groups):  # input before output, as the server orders them
+            es = sorted(groups[is_input], key=lambda e: e.get("step", 0))
+            first = es[0]
+            comp = first["component"]
+            axis = INLINE_TOKEN_AXIS[comp]
+            arrays = []
+            steps, positions = [], []
+            for e in es:
+                a = entry_array(e)
+                if axis:
+                    a = np.moveaxis(a, axis, 0)  # [H, T, x] -> [T, H, x]
+                arrays.append(a)
+                n = a.shape[0]
+                start, stop = (e.get("positions") or [None, None])[:2]
+                if start is None:
+                    start = positions[-1][-1] + 1 if positions else 0
+                    stop = start + n
+                if stop - start != n:
+                    raise ValueError(f"hook {hook_id!r} step {e.get('step')}: positions {e.get('positions')} "
+                                     f"do not match {n} rows")
+                positions.append(np.arange(start, stop, dtype=np.int64))
+                steps.append(np.full(n, int(e.get("step", 0)), dtype=np.int64))
+            if comp in KEY_PAD:
+                n_keys = max(a.shape[-1] for a in arrays)
+                padded = []
+                for a in arrays:
+                    if a.shape[-1] < n_keys:
+                        p = np.full(a.shape[:-1] + (n_keys,), KEY_PAD[comp], dtype=np.float32)
+                        p[..., : a.shape[-1]] = a
+                        a = p
+                    padded.append(a)
+                arrays = padded
+            data = np.concatenate(arrays, axis=0) if len(arrays) > 1 else np.ascontiguousarray(arrays[0])
+            out.append(HookRows(
+                hook_id=hook_id, layer_name=first.get("layer_name", hook_id),
+                module_path=first.get("module_path", ""),
+                layer=_layer_from_path(first.get("module_path"), first.get("layer_name")),
+                component=comp, is_input=is_input, source_dtype=first.get("dtype", "float32"),
+                data=data.astype(np.float32, copy=False),
+                step=np.concatenate(steps), position=np.concatenate(positions),
+            ))
+    return out
+
+
+def rows_from_view(view) -> list[HookRows]:
+    """An `shm.CaptureView` (shared memory, HTTP bytes or an exported file) -> HookRows
+    (copies: the result stays valid after the view is closed)."""
+    out = []
+    step = np.asarray(view.step, dtype=np.int64)
+    position = np.asarray(view.position, dtype=np.int64)
+    for h in view.hooks.values():
+        info = h.info
+        data = h.to_float32() if info.dtype != "float32" else np.array(h.data, dtype=np.float32, copy=True)
+        out.append(HookRows(
+            hook_id=info.hook_id, layer_name=info.layer_name, module_path=info.module_path,
+            layer=info.layer_index if info.layer_index is not None else _layer_from_path(info.module_path, None),
+            component=info.component, is_input=bool(info.is_input), source_dtype=info.dtype,
+            data=data, step=step.copy(), position=position.copy(),
+        ))
+    return out
+
+
+def capture_rows(capture: Any) -> tuple[dict, list[HookRows]]:
+    """(capture metadata, HookRows) of any capture the bridge knows: an inline response dict
+    (`ActivationResult`, a streamed result, plain JSON), a `ShmCapture`, or an
+    `shm.CaptureView` (shared memory, HTTP, file)."""
+    from bridge.client import ShmCapture
+
+    if isinstance(capture, ShmCapture):
+        if capture.view is None:
+            raise ValueError(f"capture {capture.capture_id} is closed; convert it before closing")
+        meta = _view_meta(capture.view)
+        if not meta["tokens"]:
+            meta["tokens"] = capture.tokens
+        return meta, rows_from_view(capture.view)
+    if hasattr(capture, "hooks") and hasattr(capture, "info") and hasattr(capture, "step"):
+        return _view_meta(capture), rows_from_view(capture)
+    if isinstance(capture, dict):
+        if "activations" not in capture:
+            raise ValueError("not a capture: the response has no 'activations' (was it a plain chat request?)")
+        usage = capture.get("usage") or {}
+        meta = {
+            "model_id": capture.get("model"),
+            "capture_id": (capture.get("capture") or {}).get("capture_id"),
+            "tokens": list(capture.get("tokens") or []),
+            "token_ids": list(capture.get("token_ids") or []),
+            "prompt_tokens": usage.get("prompt_tokens"),
+        }
+        return meta, rows_from_entries(capture["activations"])
+    raise TypeError(f"cannot convert {type(capture).__name__}: expected an inline response, a ShmCapture "
+                    "or an shm CaptureView")
+
+
+def _view_meta(view) -> dict:
+    return {"model_id": view.model_id, "capture_id": view.capture_id, "tokens": list(view.tokens),
+            "token_ids": list(view.token_ids), "prompt_tokens": view.prompt_tokens}
+
+
+# --- NeuroScope's layout -------------------------------------------------------------------
+def _label(tokens: list[str], p: int) -> str:
+    return tokens[p] if 0 <= p < len(tokens) else ""
+
+
+def tensor_from_rows(r: HookRows, tokens: list[str]) -> dict:
+    comp = r.component
+    if comp in ATTENTION_COMPONENTS:
+        data = np.ascontiguousarray(r.data.transpose(1, 0, 2))  # [H, seq, keys]
+    else:
+        data = np.ascontiguousarray(r.data[None])  # batch of 1
+    positions = [int(p) for p in r.position]
+    t = {
+        "data": data,
+        "shape": list(data.shape),
+        "dims": list(DIMS.get(comp, ["batch", "seq"] + [f"dim{i}" for i in range(data.ndim - 2)])),
+        "dtype": "float32",
+        "source_dtype": r.source_dtype,
+        "component": comp,
+        "is_input": r.is_input,
+        "hook_id": r.hook_id,
+        "layer_name": r.layer_name,
+        "module_path": r.module_path,
+        "layer": r.layer,
+        "positions": positions,
+        "tokens": [_label(tokens, p) for p in positions],
+    }
+    if comp in ATTENTION_COMPONENTS:
+        t["key_tokens"] = [_label(tokens, k) for k in range(data.shape[-1])]
+    return t
+
+
+def to_neuroscope(capture: Any) -> dict:
+    """Convert a capture (inline response, ShmCapture, CaptureView) into NeuroScope's format."""
+    meta, rows = capture_rows(capture)
+    tokens = meta["tokens"]
+    layers: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        layer_key = neuroscope_layer_name(r.layer, r.component)
+        comps = layers.setdefault(layer_key, {})
+        suffix = ".input" if r.is_input else ""
+        key = r.component + suffix
+        if key in comps:
+            key = r.hook_id + suffix
+            n = 2
+            while key in comps:
+                key, n = f"{r.hook_id}{suffix}#{n}", n + 1
+        comps[key] = tensor_from_rows(r, tokens)
+    return {"format": FORMAT, **meta, "layers": layers}
+
+
+def iter_tensors(ns: dict) -> Iterable[tuple[str, str, dict]]:
+    for layer, comps in ns["layers"].items():
+        for comp, t in comps.items():
+            yield layer, comp, t
+
+
+def to_jsonable(ns: dict, encoding: str = "base64") -> dict:
+    """NeuroScope's JSON form: every tensor's `data` as base64 of little-endian float32
+    (`encoding` "base64", exact, what a Float32Array reads) or as nested lists ("list";
+    JSON has no -inf: masked scores become null)."""
+    if encoding not in ("base64", "list"):
+        raise ValueError("encoding must be 'base64' or 'list'")
+    out = {k: v for k, v in ns.items() if k != "layers"}
+    out["encoding"] = encoding
+    out["layers"] = {}
+    for layer, comp, t in iter_tensors(ns):
+        j = {k: v for k, v in t.items() if k != "data"}
+        a = np.ascontiguousarray(t["data"], dtype="<f4")
+        if encoding == "base64":
+            j["data"] = base64.b64encode(a.tobytes()).decode("ascii")
+        else:
+            j["data"] = _nonfinite_to_none(a.tolist())
+        j["encoding"] = encoding
+        out["layers"].setdefault(layer, {})[comp] = j
+    return out
+
+
+def _nonfinite_to_none(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_nonfinite_to_none(v) for v in x]
+    return x if np.isfinite(x) else None
+
+
+def from_jsonable(obj: dict) -> dict:
+    """The inverse of `to_jsonable` (exact for base64; for lists, null -> -inf in scores, NaN elsewhere)."""
+    out = {k: v for k, v in obj.items() if k not in ("layers", "encoding")}
+    out["layers"] = {}
+    for layer, comps in obj["layers"].items():
+        for comp, j in comps.items():
+            t = {k: v for k, v in j.items() if k not in ("data", "encoding")}
+            shape = tuple(j["shape"])
+            if j.get("encoding", obj.get("encoding")) == "base64":
+                a = np.frombuffer(base64.b64decode(j["data"]), "<f4").astype(np.float32).reshape(shape)
+            else:
+                a = np.array(j["data"], dtype=np.float32).reshape(shape)
+                if j.get("component") == "attention_scores":
+                    a[np.isnan(a)] = -np.inf
+            t["data"] = a
+            out["layers"].setdefault(layer, {})[comp] = t
+    return out
+
+
+# --- the original design's bridge -------------------------------------------------------
+def _layer_list(model_layers: int | Iterable[int]) -> list[int]:
+    if isinstance(model_layers, (int, np.integer)):
+        if model_layers < 0:
+            raise ValueError("model_layers must be a layer count >= 0 or a list of layer indices")
+        return list(range(int(model_layers)))
+    layers = [int(i) for i in model_layers]
+    if any(i < 0 for i in layers):
+        raise ValueError(f"layer indices must be >= 0, got {layers}")
+    return layers
+
+
+class NeuroScopeActivationBridge:
+    """Hook specs for NeuroScope's analyses and conversion of captures into its format.
+
+    `client` (optional) is an `LMStudioNeuroScopeClient`, used by `capture()`."""
+
+    def __init__(self, client: Any = None):
+        self.client = client
+
+    # hook specs (the original design's names)
+    @staticmethod
+    def create_hook_specs_for_circuit_analysis(model_layers: int | Iterable[int],
+                                               components: Iterable[str] = ("residual", "attention", "mlp"),
+                                               capture_input: bool = False) -> list[dict]:
+        """One hook per (layer, component): `model_layers` is a layer count (all layers) or a
+        list of layer indices; names are NeuroScope's `transformer.h.N` (the embedding, if
+        asked for, is one hook on `transformer.wte`)."""
+        components = [components] if isinstance(components, str) else list(components)
+        bad = [c for c in components if c not in COMPONENTS]
+        if bad:
+            raise ValueError(f"unknown components {bad}; valid: {', '.join(COMPONENTS)}")
+        hooks: list[dict] = []
+        if "embedding" in components:
+            hooks.append({"layer_name": EMBEDDING_LAYER, "component": "embedding",
+                          "hook_id": f"{EMBEDDING_LAYER}.embedding", "capture_input": False, "capture_output": True})
+        for i in _layer_list(model_layers):
+            for c in components:
+                if c == "embedding":
+                    continue
+                hooks.append({"layer_name": f"transformer.h.{i}", "component": c,
+                              "hook_id": f"transformer.h.{i}.{c}",
+                              "capture_input": bool(capture_input) and c not in HEAD_COMPONENTS + ATTENTION_COMPONENTS,
+                              "capture_output": True})
+        return hooks
+
+    @staticmethod
+    def create_attention_analysis_hooks(model_layers: int | Iterable[int],
+                                        target_layers: Iterable[int] | None = None,
+                                        include_scores: bool = False) -> list[dict]:
+        """The attention pattern and the attention output of each target layer (default: all
+        of `model_layers`). Negative targets count from the end when `model_layers` is a count."""
+        layers = _layer_list(model_layers)
+        if target_layers is None:
+            targets = layers
+        else:
+            targets = []
+            for t in target_layers:
+                t = int(t)
+                if t < 0 and isinstance(model_layers, (int, np.integer)):
+                    t += int(model_layers)
+                if t not in layers:
+                    raise ValueError(f"target layer {t} is not among the model's layers {layers[:3]}..{layers[-3:]}")
+                targets.append(t)
+        comps = ["attention_pattern", "attention"] + (["attention_scores"] if include_scores else [])
+        return [{"layer_name": f"transformer.h.{i}", "component": c, "hook_id": f"transformer.h.{i}.{c}",
+                 "capture_input": False, "capture_output": True} for i in targets for c in comps]
+
+    # conversion
+    @staticmethod
+    def convert_activations_for_neuroscope(capture: Any) -> dict:
+        """A capture (inline response, ShmCapture, CaptureView) -> NeuroScope's format."""
+        return to_neuroscope(capture)
+
+    to_neuroscope = convert_activations_for_neuroscope
+
+    @staticmethod
+    def to_jsonable(ns: dict, encoding: str = "base64") -> dict:
+        return to_jsonable(ns, encoding)
+
+    def capture(self, messages: Any, hooks: list[dict], transport: str = "shm", **kw) -> dict:
+        """Generate with `hooks` through the client and return NeuroScope's format; with
+        shm the capture is converted, then unmapped and released."""
+        if self.client is None:
+            raise ValueError("this bridge has no client: NeuroScopeActivationBridge(client)")
+        result = self.client.generate_with_activations(messages, hooks, transport=transport, **kw)
+        if transport == "shm" and hasattr(result, "close"):
+            with result:
+                ns = to_neuroscope(result)
+                ns["text"] = result.text
+                return ns
+        ns = to_neuroscope(result)
+        ns["text"] = result.text
+        return ns
+
+
+# --- analysis helpers used by the examples -----------------------------------------------
+def attention_summary(ns: dict, query_position: int, exclude_first: bool = True) -> list[dict]:
+    """For each layer/head with an attention pattern: the earlier key the token at
+    `query_position` attends to most (ignoring the query itself and, with `exclude_first`,
+    position 0, the usual attention sink)."""
+    out = []
+    for layer, comps in ns["layers"].items():
+        t = comps.get("attention_pattern")
+        if t is None:
+            continue
+        rows = t["positions"]
+        if query_position not in rows:
+            continue
+        q = rows.index(query_position)
+        pat = t["data"][:, q, :]  # [H, keys]
+        lo = 1 if exclude_first else 0
+        for h in range(pat.shape[0]):
+            cand = pat[h, lo:query_position]
+            if cand.size == 0:
+                continue
+            k = lo + int(np.argmax(cand))
+            out.append({"layer": layer, "head": h, "key_position": k, "key_token": t["key_tokens"][k],
+                        "weight": float(pat[h, k])})
+    return out
+
+
+__all__ = [
+    "FORMAT",
+    "HookRows",
+    "NeuroScopeActivationBridge",
+    "attention_summary",
+    "capture_rows",
+    "from_jsonable",
+    "iter_tensors",
+    "neuroscope_layer_name",
+    "rows_from_entries",
+    "rows_from_view",
+    "to_jsonable",
+    "to_neuroscope",
+]
