@@ -130,14 +130,14 @@ def _resolve_name(layer_name: str, component: str | None, n_layers: int) -> tupl
     if name.startswith("blocks.") and sub in _TL_BLOCK_HOOKS:
         site, comp, is_input = _TL_BLOCK_HOOKS[sub]
         return site, layer, _agree(comp, component, layer_name), is_input
+    if sub is not None and sub not in _SUBMODULES:  # also a misspelt TransformerLens hook name
+        raise UnknownHook(f"unknown sub-module {sub!r} in {layer_name!r}; valid {NAMES_HELP}", "layer_name")
     if component is None:
         raise InvalidRequest(f"hook on {layer_name!r} needs a 'component': one of {', '.join(COMPONENTS)}", "component")
     if component == "embedding":
         return "embed", None, component, None  # the layer name is ignored for embeddings (DESIGN 3)
     if sub is None:
         return _COMPONENT_SITE[component], layer, component, None
-    if sub not in _SUBMODULES:
-        raise UnknownHook(f"unknown sub-module {sub!r} in {layer_name!r}; valid {NAMES_HELP}", "layer_name")
     site = _SUBMODULES[sub]
     if component not in _SUBMODULE_COMPONENTS[site]:
         raise UnknownHook(
@@ -181,6 +181,7 @@ def resolve_hooks(lm: LoadedModel, specs: Any) -> list[HookTarget]:
         except (UnknownHook, InvalidRequest) as exc:
             exc.message = f"{param}: {exc.message}"
             exc.args = (exc.message,)
+            exc.param = f"{param}.{exc.param}" if exc.param else param
             raise
         # A TransformerLens name is already unique; otherwise the id says layer and component.
         default_id = layer_name if fixed is not None else f"{layer_name}.{component}"

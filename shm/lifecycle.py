@@ -335,6 +335,9 @@ class ShmRegistry:
         del self._entries[entry.segment.name]
         self._by_capture.pop(entry.capture_id, None)
         if reuse:
+            # Zero the stream's first message header so a reader holding the old handle gets
+            # StaleHandle instead of silently reading released data.
+            entry.segment.array()[:8] = 0
             self._discard(self._pool.put(entry.segment))
         else:
             self._discard([entry.segment])

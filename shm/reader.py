@@ -198,7 +198,10 @@ def open_capture(handle: ShmHandle | dict[str, Any]) -> CaptureView:
     try:
         if h.offset < 0 or h.offset + h.byte_size > seg.size:
             raise ValueError(f"handle points past the end of segment {h.name}")
-        view = read_capture_bytes(pa.py_buffer(seg.mmap).slice(h.offset, h.byte_size))
+        try:
+            view = read_capture_bytes(pa.py_buffer(seg.mmap).slice(h.offset, h.byte_size))
+        except pa.ArrowInvalid as exc:
+            raise StaleHandle(f"segment {h.name} no longer holds capture {h.capture_id!r} (released)") from exc
         if view.capture_id != h.capture_id:
             view.close()
             raise StaleHandle(f"segment {h.name} now holds capture {view.capture_id!r}, not {h.capture_id!r}")

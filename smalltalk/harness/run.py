@@ -19,6 +19,9 @@ Command line: python smalltalk/harness/run.py [--timeout S] [--lenient] FILE.st.
 
 Environment:
   NSBRIDGE_SQUEAK_VM     path of the squeakvm binary (default /usr/lib/squeak/*/squeakvm)
+  NSBRIDGE_SQUEAK_PLUGINS  the VM's plugin folder, for a VM unpacked without root
+                         (`apt-get download squeak-vm scratch libpcre3`, `dpkg -x` each; set
+                         LD_LIBRARY_PATH=<dir>/lib/x86_64-linux-gnu too)
   NSBRIDGE_SQUEAK_IMAGE  path of the stock Scratch.image (default /usr/share/scratch/Scratch.image)
   NSBRIDGE_HOME          cache root; the patched image goes to $NSBRIDGE_HOME/squeak
                          (default $XDG_CACHE_HOME/nsbridge/squeak or ~/.cache/nsbridge/squeak)
@@ -104,11 +107,13 @@ def cache_dir() -> Path:
 def unavailable_reason() -> str | None:
     """Why Smalltalk cannot run here (None when it can). Tests skip with this text."""
     if find_vm() is None:
+        if os.environ.get("NSBRIDGE_SQUEAK_VM"):
+            return "NSBRIDGE_SQUEAK_VM=%s is not an executable Squeak VM" % os.environ["NSBRIDGE_SQUEAK_VM"]
         return ("squeak-vm is not installed (no /usr/lib/squeak/*/squeakvm): "
                 "apt-get install squeak-vm scratch, or run `make setup`")
     if find_source_image() is None:
         return ("the Squeak image from Debian's scratch package is missing (%s): "
-                "apt-get install scratch, or run `make setup`" % DEFAULT_IMAGE)
+                "apt-get install scratch, or run `make setup`" % os.environ.get("NSBRIDGE_SQUEAK_IMAGE", DEFAULT_IMAGE))
     return None
 
 
@@ -160,7 +165,11 @@ def run_st(files, timeout: float = 60, env: dict | None = None, strict: bool = T
         run_env["ST_STRICT"] = "1"
     else:
         run_env.pop("ST_STRICT", None)
-    cmd = [vm, "-vm-display-null", "-vm-sound-null", str(image), str(PRELUDE), *paths]
+    cmd = [vm, "-vm-display-null", "-vm-sound-null"]
+    plugins = os.environ.get("NSBRIDGE_SQUEAK_PLUGINS")
+    if plugins:
+        cmd += ["-plugins", plugins.rstrip("/") + "/"]
+    cmd += [str(image), str(PRELUDE), *paths]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env,
                             start_new_session=True)
     try:
