@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -25,7 +26,7 @@ from control.service import ChatJob, ChatResult, ModelService, ServiceConfig
 from engine.blas import BLAS_IN_USE
 from engine.errors import CaptureTooLarge, InvalidRequest, MalformedRequest, NotFound, NSBridgeError
 from engine.hooks import CaptureOptions, hook_points, resolve_hooks
-from shm import CaptureBudgetExceeded, ShmRegistry, UnknownSegment, write_capture
+from shm import CaptureBudgetExceeded, ShmRegistry, ShmSpaceError, UnknownSegment, write_capture
 
 log = logging.getLogger("nsbridge.control")
 
@@ -159,9 +160,9 @@ class Server:
 
     async def chat_with_activations(self, request: Request) -> Response:
         body = await read_json(request)
-        return await self._chat(body, with_activations=True)
+        return await self._chat(body, with_activations=True, request=request)
 
-    async def _chat(self, body: dict, with_activations: bool) -> Response:
+    async def _chat(self, body: dict, with_activations: bool, request: Request | None = None) -> Response:
         hooks = transport = encoding = None
         options = CaptureOptions()
         if with_activations:
@@ -190,10 +191,15 @@ class Server:
             self._check_shm_room()
         model_id = self.service.lm.info.model_id
         completion_id = "chatcmpl-" + secrets.token_hex(12)
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            raise InvalidRequest("'stream_options' must be an object such as {\"include_usage\": true}",
+                                 "stream_options")
         if stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            self.service.check_room()  # a full queue answers 503, not a 200 stream holding an error
+            include_usage = bool(stream_options.get("include_usage"))
             return StreamingResponse(
-                self._stream(job, completion_id, model_id, transport, encoding, include_usage),
+                self._stream(job, completion_id, model_id, transport, encoding, include_usage, request),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -201,6 +207,9 @@ class Server:
         response = openai_format.completion(completion_id, model_id, result.generation)
         if with_activations:
             response.update(await self._deliver(result, transport, encoding))
+            if "capture" in response and request is not None and await request.is_disconnected():
+                # The client gave up (e.g. its timeout) and will never release it: don't keep it until its TTL.
+                self.registry.release(response["capture"]["capture_id"])
         return ORJSONResponse(response)
 
     def _check_shm_room(self) -> None:
@@ -226,12 +235,13 @@ class Server:
     def _write_shm(self, capture) -> dict:
         try:
             return write_capture(capture, self.registry, ttl_s=self.config.shm_ttl_s).to_dict()
-        except CaptureBudgetExceeded as exc:
+        except (CaptureBudgetExceeded, ShmSpaceError) as exc:  # not a 500: the client can release or shrink
             raise CaptureTooLarge(f"{exc}; release captures (DELETE /v1/activations/{{id}}) or lower the request's "
                                   "size", "activations_transport") from exc
 
     async def _stream(self, job: ChatJob, completion_id: str, model_id: str, transport: str | None,
-                      encoding: str | None, include_usage: bool) -> AsyncIterator[bytes]:
+                      encoding: str | None, include_usage: bool,
+                      request: Request | None = None) -> AsyncIterator[bytes]:
         """SSE: a role chunk, one chunk per token (with that step's activations inline), [DONE]."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -254,6 +264,7 @@ class Server:
 
         task = asyncio.create_task(produce())
         final_chunk = None  # with a capture, the last chunk waits for the capture to be complete
+        unsent = None  # (shm write, capture id) until the chunk with its handle has been sent
         try:
             yield sse(openai_format.chunk(completion_id, model_id, created, {"role": "assistant", "content": ""}))
             while True:
@@ -273,11 +284,23 @@ class Server:
                         final_chunk = final_chunk or openai_format.chunk(
                             completion_id, model_id, created, {}, result.generation.finish_reason)
                         final_chunk["tokens"] = result.capture.tokens if result.capture else []
+                        final_chunk["token_ids"] = result.generation.token_ids
                         if transport == "shm" and result.capture is not None:
-                            handle = await loop.run_in_executor(None, self._write_shm, result.capture)
+                            write = loop.run_in_executor(None, self._write_shm, result.capture)
+                            unsent = (write, result.capture.capture_id)
+                            try:
+                                handle = await asyncio.shield(write)  # client gone mid-write: see finally
+                            except NSBridgeError as exc:  # e.g. over the shm budget: the 200 is already sent
+                                unsent = None
+                                yield sse(exc.to_dict())
+                                yield b"data: [DONE]\n\n"
+                                return
+                            if request is not None and await request.is_disconnected():
+                                return  # a send now would be dropped silently; finally releases the capture
                             final_chunk["capture"] = {"capture_id": result.capture.capture_id, "handle": handle}
                             final_chunk["activations"] = _shm_entries(result.capture, handle)
                         yield sse(final_chunk)
+                        unsent = None
                     if include_usage:
                         yield sse(openai_format.usage_chunk(completion_id, model_id, created, result.generation))
                     yield b"data: [DONE]\n\n"
@@ -292,6 +315,10 @@ class Server:
         finally:
             # Client gone (or stream done): stop the worker at its next token; its capture is dropped.
             job.cancelled.set()
+            if unsent is not None:  # the handle never reached the client: release the capture once written
+                write, capture_id = unsent
+                write.add_done_callback(
+                    lambda f: f.cancelled() or f.exception() is not None or self.registry.release(capture_id))
             if not task.done():
                 await asyncio.wait([task], timeout=30)
 
@@ -393,6 +420,7 @@ def create_app(config: AppConfig, service: ModelService | None = None, registry:
 
     reaper_task: list[asyncio.Task] = []
 
+    @contextlib.asynccontextmanager  # a bare async generator is deprecated in Starlette
     async def lifespan(app):
         reaper_task.append(asyncio.create_task(reaper()))
         yield

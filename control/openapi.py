@@ -27,7 +27,7 @@ _CHAT = {
         "messages": _MESSAGES,
         "max_tokens": {"type": "integer", "minimum": 1, "default": 256},
         "temperature": {"type": "number", "minimum": 0, "default": 1.0},
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},  # OpenAPI 3.0 form
         "top_k": {"type": "integer", "minimum": 0},
         "seed": {"type": "integer"},
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},

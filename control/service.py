@@ -66,14 +66,19 @@ class ModelService:
     async def run(self, fn: Callable, *args) -> Any:
         """Run fn on the worker thread after the requests before it; refuse when the queue is full."""
         with self._pending_lock:
-            if self._pending >= self.config.queue_size:
-                raise Busy(f"the server is busy: {self._pending} requests are queued; retry shortly")
+            self.check_room()
             self._pending += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
             with self._pending_lock:
                 self._pending -= 1
+
+    def check_room(self) -> None:
+        """Refuse with `Busy` when the queue is full. Streams call it before their response starts,
+        while a 503 can still be sent (a slot taken in between still gets an SSE error event)."""
+        if self._pending >= self.config.queue_size:
+            raise Busy(f"the server is busy: {self._pending} requests are queued; retry shortly")
 
     @property
     def queued(self) -> int:
@@ -123,13 +128,16 @@ class ModelService:
     def prepare_chat(self, body: dict, hooks: list | None, options: CaptureOptions) -> ChatJob:
         lm = self.require_model()
         params = SamplingParams(
-            max_tokens=_field(body, "max_tokens", None) or _field(body, "max_completion_tokens", None) or 256,
+            # Not `or`: an explicit 0 must reach validation (422), not become the default.
+            max_tokens=_field(body, "max_tokens", _field(body, "max_completion_tokens", 256)),
             temperature=_field(body, "temperature", 1.0),
             top_p=_field(body, "top_p", 1.0),
             top_k=_field(body, "top_k", 0),
             seed=_field(body, "seed", None),
             stop=_field(body, "stop", None) or [],
         ).validate()
+        if params.seed is not None and not 0 <= params.seed < 2**64:  # mx.random.seed takes uint64 only
+            raise InvalidRequest(f"'seed' must be an integer in [0, 2**64) (got {params.seed})", "seed")
         if _field(body, "n", 1) != 1:
             raise InvalidRequest("only n = 1 is supported", "n")
         prompt = lm.chat_prompt(body.get("messages"))
