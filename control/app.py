@@ -96,7 +96,7 @@ class Server:
     async def load_model(self, request: Request) -> Response:
         body = await read_json(request)
         model_path, model_id = body.get("model_path"), body.get("model_id")
-        if model_path is None:
+        if not isinstance(model_path, str) or not model_path.strip():
             raise InvalidRequest("'model_path' is required: a model folder, a .gguf file, or \"default\"",
                                  "model_path")
         if model_id is not None and not isinstance(model_id, str):

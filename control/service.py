@@ -116,7 +116,9 @@ class ModelService:
     def load(self, model_path: str | None, model_id: str | None = None) -> LoadedModel:
         """Load a model on the worker thread; it replaces the current one."""
         if model_path in (None, "default", DEFAULT_MODEL_ID):
-            model_path, model_id = str(ensure_default_model()), model_id or DEFAULT_MODEL_ID
+            model_path = str(ensure_default_model())
+        if Path(model_path).expanduser().resolve() == default_model_dir().resolve():
+            model_id = model_id or DEFAULT_MODEL_ID  # the same id however the default model is named
         log.info("loading model %s", model_path)
         lm = load_model(model_path, model_id, progress=Progress("converting"))
         self.lm = None  # drop the old model before the new one is kept
