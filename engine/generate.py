@@ -143,11 +143,9 @@ def generate(
             text = tokenizer.decode([t for t in generated if t not in eos])
             finish = "stop" if tok in eos else None
             visible = text
-            for s in params.stop:
-                at = text.find(s, max(0, sent - len(s)))
-                if at >= 0:
-                    visible, finish = text[:at], "stop"
-                    break
+            hits = [at for s in params.stop if (at := text.find(s, max(0, sent - len(s)))) >= 0]
+            if hits:  # the earliest stop string wins, whatever its place in the list
+                visible, finish = text[:min(hits)], "stop"
             if finish is None and len(generated) >= max_tokens:
                 finish = "length"
             if finish is None:

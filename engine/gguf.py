@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -107,11 +109,23 @@ def _tokenizer_json(meta: dict) -> dict:
     }
 
 
+def _probe(gguf_path: Path) -> None:
+    """mx.load's GGUF reader crashes the process (SIGSEGV) on some malformed files: read it once in
+    a child process first, so a bad file is a ModelLoadError instead of a dead server."""
+    code = "import sys, mlx.core as mx; mx.load(sys.argv[1], return_metadata=True)"
+    result = subprocess.run([sys.executable, "-c", code, str(gguf_path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        why = lines[-1] if result.returncode > 0 and lines else f"the GGUF reader crashed (exit {result.returncode})"
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {why}")
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: Progress | None = None) -> Path:
     """Write a float32 mlx-lm folder (config, safetensors, tokenizer) for a llama-family GGUF."""
     import mlx.core as mx
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    _probe(gguf_path)
     try:
         tensors, meta = mx.load(str(gguf_path), return_metadata=True)
     except Exception as exc:  # mlx raises ValueError/RuntimeError with a terse message
