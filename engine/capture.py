@@ -51,10 +51,13 @@ def _tapped_class(cls: type) -> type:
 
 def attention_scores(queries: mx.array, keys: mx.array, scale: float, mask) -> mx.array:
     """Scaled pre-softmax scores [B, H, T_q, T_k] with the mask applied as the fused kernel does."""
-    n_heads, n_kv = queries.shape[1], keys.shape[1]
-    if n_heads != n_kv:
-        keys = mx.repeat(keys, n_heads // n_kv, axis=1)
-    scores = (queries.astype(mx.float32) * scale) @ keys.astype(mx.float32).swapaxes(-1, -2)
+    b, n_heads, t_q, d = queries.shape
+    n_kv = keys.shape[1]
+    # Grouped-query attention: broadcast each KV head over its query heads instead of copying
+    # the whole cache n_heads / n_kv times (mx.repeat did, every layer and every step).
+    q = (queries.astype(mx.float32) * scale).reshape(b, n_kv, n_heads // n_kv, t_q, d)
+    k = keys.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
+    scores = (q @ k).reshape(b, n_heads, t_q, keys.shape[2])
     if mask is None:
         return scores
     if isinstance(mask, str):  # "causal": query i sits at absolute position T_k - T_q + i
