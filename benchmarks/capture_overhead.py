@@ -21,7 +21,6 @@ import gc
 import time
 
 import engine  # noqa: F401  (OpenBLAS before mlx.core)
-import mlx.core as mx
 import mlx_lm
 from mlx_lm.sample_utils import make_sampler
 

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import engine  # noqa: F401  (OpenBLAS before mlx.core)
-import mlx.core as mx
 
 from benchmarks.report import MiB, machine_info, median, print_table, progress, write_result
 from engine.capture import Capture

@@ -20,85 +20,18 @@ the real default model (SmolLM2-135M) with `--model default|both` (generation do
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
 import requests
 
+from control.process import ServerProcess
 from benchmarks.report import MiB, machine_info, median, percentile, print_table, progress, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Hello! In one short sentence, what is the capital of France?"
-
-
-# --- a real server in its own process ---------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m control.cli serve` on loopback with its own state dir; a context manager."""
-
-    def __init__(self, model: str | None, extra: list[str] = (), log_level: str = "warning"):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self._tmp = tempfile.TemporaryDirectory(prefix="nsbridge-bench-")
-        self.state_dir = Path(self._tmp.name)
-        cmd = [sys.executable, "-m", "control.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--state-dir", str(self.state_dir), "--log-level", log_level, *extra]
-        if model:
-            cmd += ["--model", str(model)]
-        self.log_path = self.state_dir / "server.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300.0) -> "ServerProcess":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                r = requests.get(self.base_url + "/health", timeout=1)
-                if r.ok and r.json().get("model_loaded"):
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not start in time:\n" + self.log_tail())
-
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> "ServerProcess":
-        return self.wait_ready()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 def tiny_model_path() -> Path:

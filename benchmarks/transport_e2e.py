@@ -36,7 +36,7 @@ import orjson
 import requests
 
 from benchmarks.report import MiB, machine_info, median, print_table, progress, write_result
-from benchmarks.server_load import ROOT, ServerProcess, default_model_path, free_port
+from benchmarks.server_load import ServerProcess, default_model_path
 
 D_MODEL = 576  # the default model's width, so the synthetic capture looks like its captures
 DECODE_STEPS = 8
@@ -108,32 +108,17 @@ def serve_synthetic(port: int, state_dir: str, sizes: list[int]) -> None:
 
 
 class SyntheticServer(ServerProcess):
+    """The real control app plus a route that delivers prepared captures of given sizes."""
+
+    ready_path = "/bench/sizes"
+
     def __init__(self, sizes: list[int]):
-        import subprocess
-        import tempfile
+        self.sizes = sizes
+        super().__init__()
 
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self._tmp = tempfile.TemporaryDirectory(prefix="nsbridge-bench-")
-        self.state_dir = Path(self._tmp.name)
-        self.log_path = self.state_dir / "server.log"
-        self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "benchmarks.transport_e2e", "--serve-synthetic", str(self.port), str(self.state_dir),
-               *[str(s) for s in sizes]]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300.0) -> "SyntheticServer":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"synthetic server exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.base_url + "/bench/sizes", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("synthetic server did not start:\n" + self.log_tail())
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.transport_e2e", "--serve-synthetic", str(self.port),
+                str(self.state_dir), *[str(s) for s in self.sizes]]
 
 
 # --- consumers ---------------------------------------------------------------------------------

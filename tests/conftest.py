@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import engine  # noqa: F401  (OpenBLAS before mlx.core)
 import pytest
-import requests
+
+import control.process
+from control.process import free_port  # noqa: F401  (tests import it from here)
 
 from tests.tiny_models import make_tiny_model
 
@@ -57,52 +54,12 @@ def default_model(default_model_path):
     return load_model(str(default_model_path), MODEL_ID)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A real `nsbridge serve` on loopback, in its own process."""
+class ServerProcess(control.process.ServerProcess):
+    """A real `nsbridge serve` on loopback, ready when constructed."""
 
     def __init__(self, model: str | None, state_dir: Path, extra: list[str] = (), env: dict | None = None):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.model_path = model
-        self.state_dir = state_dir
-        cmd = [sys.executable, "-m", "control.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--state-dir", str(state_dir), *extra]
-        if model:
-            cmd += ["--model", str(model)]
-        self.log_path = state_dir / "server.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(self.base_url + "/health", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not start:\n" + self.log_path.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(model, state_dir, extra, env)
+        self.wait_ready(120)
 
 
 @pytest.fixture(scope="session")
