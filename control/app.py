@@ -156,13 +156,13 @@ class Server:
     # --- chat -----------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         body = await read_json(request)
-        return await self._chat(body, with_activations=False)
+        return await self._chat(body, with_activations=False, request=request)
 
     async def chat_with_activations(self, request: Request) -> Response:
         body = await read_json(request)
         return await self._chat(body, with_activations=True, request=request)
 
-    async def _chat(self, body: dict, with_activations: bool, request: Request | None = None) -> Response:
+    async def _chat(self, body: dict, with_activations: bool, request: Request) -> Response:
         hooks = transport = encoding = None
         options = CaptureOptions()
         if with_activations:
@@ -203,14 +203,23 @@ class Server:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        result: ChatResult = await self.service.run(self.service.run_chat, job)
+        result = await self._run_while_connected(job, request)
         response = openai_format.completion(completion_id, model_id, result.generation)
         if with_activations:
             response.update(await self._deliver(result, transport, encoding))
-            if "capture" in response and request is not None and await request.is_disconnected():
+            if "capture" in response and await request.is_disconnected():
                 # The client gave up (e.g. its timeout) and will never release it: don't keep it until its TTL.
                 self.registry.release(response["capture"]["capture_id"])
         return ORJSONResponse(response)
+
+    async def _run_while_connected(self, job: ChatJob, request: Request) -> ChatResult:
+        """Run a non-streamed job; a client that goes away cancels it at the next token."""
+        run = asyncio.ensure_future(self.service.run(self.service.run_chat, job))
+        while not run.done():
+            await asyncio.wait([run], timeout=0.25)
+            if not run.done() and await request.is_disconnected():
+                job.cancelled.set()
+        return run.result()
 
     def _check_shm_room(self) -> None:
         status = self.registry.status()
@@ -241,7 +250,7 @@ class Server:
 
     async def _stream(self, job: ChatJob, completion_id: str, model_id: str, transport: str | None,
                       encoding: str | None, include_usage: bool,
-                      request: Request | None = None) -> AsyncIterator[bytes]:
+                      request: Request) -> AsyncIterator[bytes]:
         """SSE: a role chunk, one chunk per token (with that step's activations inline), [DONE]."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -295,7 +304,7 @@ class Server:
                                 yield sse(exc.to_dict())
                                 yield b"data: [DONE]\n\n"
                                 return
-                            if request is not None and await request.is_disconnected():
+                            if await request.is_disconnected():
                                 return  # a send now would be dropped silently; finally releases the capture
                             final_chunk["capture"] = {"capture_id": result.capture.capture_id, "handle": handle}
                             final_chunk["activations"] = _shm_entries(result.capture, handle)

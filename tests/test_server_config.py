@@ -164,6 +164,15 @@ def test_client_disconnect_stops_generation(busy_server, path, extra):
         assert Path("/dev/shm", name).exists()  # the registry's list is the truth
 
 
+def test_client_that_gives_up_on_a_plain_request_stops_its_generation(busy_server):
+    base = busy_server.base_url
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(base + CHAT, json=chat_body(content="Hello", max_tokens=LONG), timeout=0.5)
+    stopped_after = wait_until(lambda: queued(base) == 0, timeout=5)
+    assert stopped_after < 5  # running to max_tokens would take far longer
+    assert_serving(base)
+
+
 def test_client_that_times_out_leaves_no_capture(busy_server):
     """A non-streamed shm request whose client gave up: nobody will release it, so the server does."""
     base = busy_server.base_url
