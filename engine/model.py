@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -115,7 +116,7 @@ def load_model(model_path: str, model_id: str | None = None, progress: Progress 
     target, is_local = resolve_model_path(model_path, progress)
     t0 = time.perf_counter()
     try:
-        model, tokenizer = mlx_lm.load(target)
+        model, tokenizer = mlx_lm.load(target, model_config=_config_fixes(target) if is_local else None)
     except (FileNotFoundError, OSError) as exc:
         kind = ModelLoadError if is_local else ModelNotFound
         raise kind(f"cannot load {model_path!r}: {exc}", "model_path") from exc
@@ -156,6 +157,20 @@ def load_model(model_path: str, model_id: str | None = None, progress: Progress 
         info.model_id, model_type, info.n_layers, d_model, n_heads, n_kv_heads, info.dtype, time.perf_counter() - t0,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, arch=arch)
+
+
+def _config_fixes(folder: str) -> dict:
+    """Config keys mlx-lm would miss. transformers 5 writes `rope_theta` only inside
+    `rope_parameters`; mlx-lm reads the top-level key and otherwise uses its own default
+    (1e6 for Qwen), which would silently change every rotary embedding."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {folder}/config.json: {exc}", "model_path") from exc
+    rope = config.get("rope_parameters")
+    if "rope_theta" not in config and isinstance(rope, dict) and "rope_theta" in rope:
+        return {"rope_theta": rope["rope_theta"]}
+    return {}
 
 
 def default_model_id(model_path: str) -> str:

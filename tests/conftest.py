@@ -26,6 +26,30 @@ def tiny_gpt2_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_path(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_path(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_qwen2_path):
+    from engine.model import load_model
+
+    return load_model(str(tiny_qwen2_path), "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_qwen3_path):
+    from engine.model import load_model
+
+    return load_model(str(tiny_qwen3_path), "tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_path):
     from engine.model import load_model
 

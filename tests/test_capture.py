@@ -63,7 +63,7 @@ def hf_reference(path, arch: str, token_ids: list[int]) -> dict[str, np.ndarray]
         return (pattern @ v).transpose(1, 2).contiguous(), pattern
 
     AttentionInterface.register("nsbridge_reference", attention)
-    cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.GPT2LMHeadModel
+    cls = transformers.GPT2LMHeadModel if arch == "gpt2" else transformers.AutoModelForCausalLM
     model = cls.from_pretrained(str(path), attn_implementation="nsbridge_reference", dtype=torch.float32).eval()
 
     def tap(module, name_in, name_out):
@@ -77,7 +77,7 @@ def hf_reference(path, arch: str, token_ids: list[int]) -> dict[str, np.ndarray]
 
         module.register_forward_hook(hook, with_kwargs=True)
 
-    if arch == "llama":
+    if arch != "gpt2":  # the llama layout: llama, qwen2, qwen3
         inner = model.model
         tap(inner.embed_tokens, None, "embed")
         tap(inner.norm, "lnf_in", "lnf_out")
@@ -107,7 +107,7 @@ def hf_reference(path, arch: str, token_ids: list[int]) -> dict[str, np.ndarray]
 # What we capture: all ten components on all layers, plus every input variant.
 # --------------------------------------------------------------------------------------------
 def layer_name(arch: str, i: int) -> str:
-    return f"model.layers.{i}" if arch == "llama" else f"transformer.h.{i}"
+    return f"model.layers.{i}" if arch != "gpt2" else f"transformer.h.{i}"
 
 
 def full_specs(arch: str, n_layers: int) -> tuple[list[dict], dict[tuple[str, bool], str]]:
@@ -127,14 +127,14 @@ def full_specs(arch: str, n_layers: int) -> tuple[list[dict], dict[tuple[str, bo
         if in_ref:
             ref_of[(spec["hook_id"], True)] = in_ref
 
-    embed_name = "model.embed_tokens" if arch == "llama" else "transformer.wte"
-    norm_name = "model.norm" if arch == "llama" else "transformer.ln_f"
+    embed_name = "model.embed_tokens" if arch != "gpt2" else "transformer.wte"
+    norm_name = "model.norm" if arch != "gpt2" else "transformer.ln_f"
     add({"hook_id": "embed", "layer_name": embed_name, "component": "embedding"}, "embed")
     add({"hook_id": "final_norm", "layer_name": norm_name, "component": "layernorm"}, "lnf_out", "lnf_in")
     add({"hook_id": "ln_final", "layer_name": "ln_final.hook_normalized"}, "lnf_out")
     for i in range(n_layers):
         name = layer_name(arch, i)
-        ln2 = f"{name}.post_attention_layernorm" if arch == "llama" else f"{name}.ln_2"
+        ln2 = f"{name}.post_attention_layernorm" if arch != "gpt2" else f"{name}.ln_2"
         add({"hook_id": f"{i}.residual", "layer_name": name, "component": "residual"},
             f"{i}.resid_post", f"{i}.resid_pre")
         add({"hook_id": f"{i}.attention", "layer_name": name, "component": "attention"},
@@ -205,7 +205,7 @@ def make_run(arch, lm, path) -> Run:
     return Run(arch, lm, path, prompt, generation, events, capture, ref_of, ref, plain_tokens(lm, prompt))
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2", "qwen3"])
 def run(request) -> Run:
     arch = request.param
     lm = request.getfixturevalue(f"tiny_{arch}")

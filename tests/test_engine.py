@@ -366,3 +366,12 @@ def test_default_model_stop_string(default_model):
     events, gen = run(default_model, prompt, max_tokens=40, stop=["Paris"])
     assert gen.text == full[:full.find("Paris")] and gen.finish_reason == "stop"
     assert "".join(e.text for e in events) == gen.text and "Par" not in gen.text[-3:]
+
+
+def test_rope_theta_from_transformers5_config_is_used(tiny_qwen2, tiny_qwen2_path):
+    """transformers 5 keeps rope_theta only in rope_parameters; mlx-lm alone would use 1e6 for Qwen."""
+    import json
+
+    config = json.loads((tiny_qwen2_path / "config.json").read_text())
+    assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 10000.0
+    assert tiny_qwen2.model.args.rope_theta == 10000.0

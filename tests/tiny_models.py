@@ -37,7 +37,7 @@ def _train_tokenizer(folder: Path, vocab_size: int = 320) -> None:
 
 
 def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Create (once) a tiny random model of `arch` ("llama" or "gpt2") in `folder`."""
+    """Create (once) a tiny random model of `arch` ("llama", "qwen2", "qwen3" or "gpt2") in `folder`."""
     import torch
     import transformers
 
@@ -56,6 +56,14 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
             rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1,
         )
         model = transformers.LlamaForCausalLM(config)
+    elif arch in ("qwen2", "qwen3"):
+        config_cls = transformers.Qwen2Config if arch == "qwen2" else transformers.Qwen3Config
+        config = config_cls(
+            vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+            rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1,
+        )
+        model = transformers.AutoModelForCausalLM.from_config(config)
     elif arch == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=n_vocab, n_embd=64, n_layer=3, n_head=4, n_positions=256, n_ctx=256, eos_token_id=2, bos_token_id=1,
