@@ -197,7 +197,9 @@ class Server:
                                  "stream_options")
         if stream:
             self.service.check_room()  # a full queue answers 503, not a 200 stream holding an error
-            include_usage = bool(stream_options.get("include_usage"))
+            include_usage = stream_options.get("include_usage", False)
+            if not isinstance(include_usage, bool):
+                raise InvalidRequest("'stream_options.include_usage' must be a boolean", "stream_options.include_usage")
             return StreamingResponse(
                 self._stream(job, completion_id, model_id, transport, encoding, include_usage, request),
                 media_type="text/event-stream",

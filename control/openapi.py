@@ -17,7 +17,7 @@ _HOOK = {
         "capture_output": {"type": "boolean", "default": True},
     },
 }
-_MESSAGES = {"type": "array", "items": {"type": "object", "required": ["role", "content"], "properties": {
+_MESSAGES = {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"], "properties": {
     "role": {"type": "string", "enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}}
 _CHAT = {
     "type": "object",

@@ -72,9 +72,13 @@ def validate_messages(messages: Any) -> None:
                 f"messages[{i}] must be an object with 'role' one of system, user, assistant", f"messages[{i}].role"
             )
         content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text parts
-            parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            m["content"] = content = "".join(parts)
+        if isinstance(content, list):  # OpenAI content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise InvalidRequest(
+                    f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}} objects "
+                    "(this server reads text only)", f"messages[{i}].content")
+            m["content"] = content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
 

@@ -140,10 +140,18 @@ def test_chat_prompt_uses_fallback_template(tiny_llama):
     assert tiny_llama.tokenizer.decode(ids) == "system: Be brief.\nuser: Hello\nassistant:"
 
 
-def test_chat_prompt_accepts_content_parts(tiny_llama):
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "image_url"},
-                                          {"type": "text", "text": "lo"}]}]
+def test_chat_prompt_accepts_text_content_parts(tiny_llama):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]
     assert tiny_llama.chat_prompt(parts) == chat(tiny_llama, "Hello")
+
+
+@pytest.mark.parametrize("content", [[{"type": "image_url"}], [None, None], [{"type": "text", "text": 5}]],
+                         ids=["image", "nulls", "non-string-text"])
+def test_chat_prompt_rejects_other_content_parts(tiny_llama, content):
+    """A part the model cannot read is an error, not silently dropped."""
+    with pytest.raises(InvalidRequest) as info:
+        tiny_llama.chat_prompt([{"role": "user", "content": content}])
+    assert info.value.param == "messages[0].content" and "text" in info.value.message
 
 
 @pytest.mark.parametrize("messages", [
