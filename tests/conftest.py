@@ -15,52 +15,26 @@ from tests.tiny_models import make_tiny_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_path(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
+def _tiny_model_fixtures(arch: str):
+    """Session fixtures for one tiny random architecture: its HF-layout folder and the loaded model."""
+
+    @pytest.fixture(scope="session")
+    def path(tmp_path_factory) -> Path:
+        return make_tiny_model(tmp_path_factory.mktemp("tiny") / f"tiny-{arch}", arch)
+
+    @pytest.fixture(scope="session")
+    def loaded(request):
+        from engine.model import load_model
+
+        return load_model(str(request.getfixturevalue(f"tiny_{arch}_path")), f"tiny-{arch}")
+
+    return path, loaded
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2_path(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-gpt2", "gpt2")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen2_path(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen2", "qwen2")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3_path(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3", "qwen3")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen2(tiny_qwen2_path):
-    from engine.model import load_model
-
-    return load_model(str(tiny_qwen2_path), "tiny-qwen2")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3(tiny_qwen3_path):
-    from engine.model import load_model
-
-    return load_model(str(tiny_qwen3_path), "tiny-qwen3")
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tiny_llama_path):
-    from engine.model import load_model
-
-    return load_model(str(tiny_llama_path), "tiny-llama")
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2(tiny_gpt2_path):
-    from engine.model import load_model
-
-    return load_model(str(tiny_gpt2_path), "tiny-gpt2")
+tiny_llama_path, tiny_llama = _tiny_model_fixtures("llama")
+tiny_gpt2_path, tiny_gpt2 = _tiny_model_fixtures("gpt2")
+tiny_qwen2_path, tiny_qwen2 = _tiny_model_fixtures("qwen2")
+tiny_qwen3_path, tiny_qwen3 = _tiny_model_fixtures("qwen3")
 
 
 @pytest.fixture(scope="session")

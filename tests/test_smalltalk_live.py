@@ -9,11 +9,9 @@ its NeuroScope conversion equals the Python bridge's.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from bridge.smalltalk import (
     facts_from_client,
     generate_neuroscope_smalltalk_interface,
 )
+from tests.smalltalk_support import load_harness, strict_json_equal
 
 ROOT = Path(__file__).resolve().parent.parent
 ST_TESTS = ROOT / "smalltalk" / "tests"
@@ -39,40 +38,13 @@ HOOKS = [
 ]
 
 
-def _harness():
-    name = "nsbridge_smalltalk_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "smalltalk" / "harness" / "run.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-st = _harness()
+st = load_harness()
 _REASON = st.unavailable_reason()
 pytestmark = pytest.mark.slow
 
 
 def needs_squeak(test):
     return pytest.mark.squeak(pytest.mark.skipif(_REASON is not None, reason=_REASON or "")(test))
-
-
-def _same(a, b, where="$"):
-    """JSON values equal with types and float bits."""
-    assert type(a) is type(b), f"{where}: {a!r} vs {b!r}"
-    if isinstance(a, float):
-        assert struct.pack("<d", a) == struct.pack("<d", b), f"{where}: {a!r} vs {b!r}"
-    elif isinstance(a, dict):
-        assert sorted(a) == sorted(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
 def _flat(x):
@@ -127,7 +99,7 @@ def test_generation_matches_python_exactly(squeak_run):
     assert sorted(sq["activations"]) == sorted(py["activations"]) == ["model.layers.1.attention_pattern",
                                                                       "transformer.h.2.residual"]
     # every entry: metadata, shape and each value (as read by Squeak, written back, read by Python)
-    _same(sq["activations"], py["activations"], "activations")
+    strict_json_equal(sq["activations"], py["activations"], "activations")
 
 
 @needs_squeak
@@ -160,7 +132,7 @@ def test_neuroscope_format_matches_the_python_bridge(squeak_run):
     want = to_jsonable(to_neuroscope(py), "list")["layers"]
     got = report["neuroscope"]
     assert sorted(got) == sorted(want) == ["transformer.h.1", "transformer.h.2"]
-    _same(got, want, "layers")
+    strict_json_equal(got, want, "layers")
     pattern = got["transformer.h.1"]["attention_pattern"]
     n = len(py["tokens"])
     assert pattern["shape"] == [9, n, n] and pattern["key_tokens"] == py["tokens"]

@@ -8,14 +8,12 @@ Skipped, with the reason, where squeak-vm or the Scratch image is missing (`make
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
 import socket
 import socketserver
 import struct
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,22 +22,13 @@ import numpy as np
 import pytest
 
 from bridge.smalltalk import CHECKED_IN, generate_neuroscope_smalltalk_interface
+from tests.smalltalk_support import load_harness, strict_json_equal
 
 ROOT = Path(__file__).resolve().parent.parent
 ST_TESTS = ROOT / "smalltalk" / "tests"
 
 
-def _harness():
-    name = "nsbridge_smalltalk_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "smalltalk" / "harness" / "run.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-st = _harness()
+st = load_harness()
 _REASON = st.unavailable_reason()
 pytestmark = [pytest.mark.squeak, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
@@ -172,23 +161,6 @@ BAD = ["[1,", '{"a" 1}', '"abc', "tru", "[1 2]", '{"a":1,}', "[1,]", "-", "1.", 
        '"\\x"', "", "   ", "[", "{", '"\\u12"', "nul", "+1", "{1: 2}", "[1]]"]
 
 
-def _strict_equal(a, b, where="$"):
-    """json values equal with types (int vs float) and float bits (so -0.0 != 0.0)."""
-    assert type(a) is type(b), f"{where}: {a!r} ({type(a).__name__}) vs {b!r} ({type(b).__name__})"
-    if isinstance(a, float):
-        assert struct.pack("<d", a) == struct.pack("<d", b), f"{where}: {a!r} vs {b!r}"
-    elif isinstance(a, dict):
-        assert sorted(a) == sorted(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
-        for k in a:
-            _strict_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _strict_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
-
-
 def test_json_round_trip(tmp_path):
     rng = random.Random(20240607)
     floats = FLOAT_TEXTS + _random_float_texts(rng, 150)
@@ -223,7 +195,7 @@ def test_json_round_trip(tmp_path):
             assert (hi, lo) == want, f"{text}: float32 {struct.unpack('>d', struct.pack('>II', hi, lo))[0]!r}"
 
     # the writer: what Squeak writes back, Python reads as the same values (types and bits)
-    _strict_equal(result["echo"], expected)
+    strict_json_equal(result["echo"], expected)
     assert result["bad_caught"] == [True] * len(BAD)
 
     made = result["made"]
