@@ -121,8 +121,7 @@ class ModelService:
             model_id = model_id or DEFAULT_MODEL_ID  # the same id however the default model is named
         log.info("loading model %s", model_path)
         lm = load_model(model_path, model_id, progress=Progress("converting"))
-        self.lm = None  # drop the old model before the new one is kept
-        self.lm = lm
+        self.lm = lm  # the old model served until the new one loaded, so a failed load changes nothing
         self.registered_hooks = []  # hooks name layers of a specific model
         return lm
 
