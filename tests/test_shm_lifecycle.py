@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shm import CaptureBudgetExceeded, ShmRegistry, UnknownSegment, open_capture, segments
+from shm import CaptureBudgetExceeded, ShmRegistry, StaleHandle, UnknownSegment, open_capture, segments
 from shm.lifecycle import MiB, shm_space_message
 from shm.pool import size_class
 from shm.synthetic import synthetic_capture
@@ -58,6 +58,17 @@ def test_release_returns_segment_to_pool_for_reuse(registry):
         registry.handle(h1.capture_id)
     h2 = write_capture(_capture(seed=2), registry)
     assert h2.name == h1.name and registry.status()["pooled_segments"] == 0
+
+
+def test_released_handle_is_stale_not_silently_readable(registry):
+    """A pooled segment still exists; opening the old handle must fail, not read released data."""
+    h = write_capture(_capture(seed=3), registry)
+    with open_capture(h) as cap:
+        assert cap.capture_id == h.capture_id
+    registry.release(h.capture_id)
+    assert segments.exists(h.name)
+    with pytest.raises(StaleHandle):
+        open_capture(h)
 
 
 def test_status_lists_live_segments(registry):
