@@ -27,6 +27,7 @@ from engine.blas import BLAS_IN_USE
 from engine.errors import CaptureTooLarge, InvalidRequest, MalformedRequest, NotFound, NSBridgeError
 from engine.hooks import CaptureOptions, hook_points, resolve_hooks
 from shm import CaptureBudgetExceeded, ShmRegistry, ShmSpaceError, UnknownSegment, write_capture
+from shm.writer import stored_shape
 
 log = logging.getLogger("nsbridge.control")
 
@@ -340,12 +341,7 @@ def _shm_entries(capture, handle: dict) -> dict:
     for rec in capture.hooks:
         if not rec.steps:
             continue
-        first = rec.steps[0].array
-        axis = rec.token_axis
-        n_tokens = sum(int(st.array.shape[axis]) for st in rec.steps)
-        shape = [n_tokens] + [int(d) for i, d in enumerate(first.shape) if i != axis]
-        if rec.component in ("attention_scores", "attention_pattern"):
-            shape[-1] = max(int(st.array.shape[-1]) for st in rec.steps)
+        shape = [int(d) for d in stored_shape(rec)]
         out.setdefault(rec.hook_id, []).append({
             "hook_id": rec.hook_id, "layer_name": rec.layer_name, "component": rec.component,
             "shape": shape, "dtype": rec.dtype, "is_input": rec.is_input, "module_path": rec.module_path,

@@ -123,6 +123,12 @@ def _hook_plan(record: HookRecord) -> _Hook:
     return _Hook(record, arrays, dtype, rest, nbytes, layout)
 
 
+def stored_shape(record: HookRecord) -> tuple[int, ...]:
+    """The hook's array as the stream stores it: (rows, *per-token shape), token-major, keys padded."""
+    hook = _hook_plan(record)
+    return (sum(n for _, _, n in hook.layout), *hook.shape)
+
+
 class _RecordingSink:
     """A pyarrow output 'file' that keeps framing bytes and only notes placeholder buffers."""
 
