@@ -74,3 +74,15 @@ def live_server(default_model_path, tmp_path_factory):
     server = ServerProcess(str(default_model_path), tmp_path_factory.mktemp("live-server"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A shared-memory registry for one test (state in tmp_path/"state"); fails if a segment is left."""
+    from shm import ShmRegistry, segments
+
+    reg = ShmRegistry(state_dir=tmp_path / "state", cleanup_at_exit=False)
+    yield reg
+    names = reg.owned_names()
+    reg.close()
+    assert not [n for n in names if segments.exists(n)], "segments left in /dev/shm"

@@ -15,22 +15,13 @@ import pyarrow as pa
 import pytest
 
 from engine.records import CaptureResult, to_numpy
-from shm import FORMAT_VERSION, ShmRegistry, StaleHandle, open_capture, read_capture_bytes
+from shm import FORMAT_VERSION, StaleHandle, open_capture, read_capture_bytes
 from shm import segments
 from shm.format import KEY_PAD, pad_bits
 from shm.synthetic import ALL_COMPONENTS, synthetic_capture
 from shm.writer import capture_to_bytes, plan_capture, write_capture
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def registry(tmp_path):
-    reg = ShmRegistry(state_dir=tmp_path / "state", cleanup_at_exit=False)
-    yield reg
-    names = reg.owned_names()
-    reg.close()
-    assert not [n for n in names if segments.exists(n)], "segments left in /dev/shm"
 
 
 def _check_roundtrip(cap: CaptureResult, view) -> None:

@@ -26,20 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def state_dir(tmp_path):
-    return tmp_path / "state"
+    return tmp_path / "state"  # where the shared `registry` fixture keeps its registry too
 
 
 def _registry(state_dir, **kw) -> ShmRegistry:
     return ShmRegistry(state_dir=state_dir, cleanup_at_exit=False, **kw)
-
-
-@pytest.fixture
-def registry(state_dir):
-    reg = _registry(state_dir)
-    yield reg
-    names = reg.owned_names()
-    reg.close()
-    assert not [n for n in names if segments.exists(n)], "segments left in /dev/shm"
 
 
 def _capture(tokens: int = 40, d_model: int = 4096, seed: int = 0):

@@ -9,9 +9,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from shm import ShmRegistry, open_capture, segments
+from shm import open_capture, segments
 from shm.synthetic import synthetic_capture
 from shm.writer import write_capture
 
@@ -34,15 +33,6 @@ _READER = textwrap.dedent(
     print(json.dumps(out))
     """
 )
-
-
-@pytest.fixture
-def registry(tmp_path):
-    reg = ShmRegistry(state_dir=tmp_path / "state", cleanup_at_exit=False)
-    yield reg
-    names = reg.owned_names()
-    reg.close()
-    assert not [n for n in names if segments.exists(n)], "segments left in /dev/shm"
 
 
 def _digests(handle) -> dict[str, str]:
