@@ -31,6 +31,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import requests
 
+from shm.format import bfloat16_to_float32
+
 try:  # orjson is a server dependency; parse big activation bodies with it when present
     import orjson
 
@@ -93,7 +95,7 @@ def entry_array(entry: dict) -> np.ndarray:
         elif dtype == "float16":
             a = np.frombuffer(raw, "<f2").astype(np.float32)
         elif dtype == "bfloat16":
-            a = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+            a = bfloat16_to_float32(np.frombuffer(raw, "<u2"))
         else:
             raise ValueError(f"unsupported dtype {dtype!r} in entry {entry.get('hook_id')!r}")
         return a.reshape(shape)

@@ -12,37 +12,31 @@ import base64
 import numpy as np
 
 from engine.records import CaptureResult, HookRecord, StepTensor, to_numpy
+from shm.format import bfloat16_to_float32
 
 ENCODINGS = ("json", "base64")
 
 
-def _values(rec: HookRecord, st: StepTensor) -> np.ndarray:
-    a = to_numpy(st.array)
-    if rec.dtype == "bfloat16":  # bits -> float32 values (exact: bfloat16 is float32's top half)
-        a = (a.astype(np.uint32) << 16).view(np.float32)
-    return np.ascontiguousarray(a)
-
-
 def step_entry(rec: HookRecord, st: StepTensor, encoding: str = "json") -> dict:
-    values = _values(rec, st)
+    raw = np.ascontiguousarray(to_numpy(st.array))  # bfloat16 as its uint16 bits
     n = st.array.shape[rec.token_axis]
     entry = {
         "hook_id": rec.hook_id,
         "layer_name": rec.layer_name,
         "component": rec.component,
-        "shape": list(values.shape),
+        "shape": list(raw.shape),
         "dtype": rec.dtype,
         "is_input": rec.is_input,
         "step": st.step,
         "positions": [st.start, st.start + n],
         "module_path": rec.module_path,
     }
-    if encoding == "base64":
-        raw = np.ascontiguousarray(to_numpy(st.array))  # bfloat16 stays bits: its dtype says how to read them
+    if encoding == "base64":  # bfloat16 stays bits: its dtype says how to read them
         entry["data_base64"] = base64.b64encode(raw.astype(raw.dtype.newbyteorder("<"), copy=False)).decode()
         entry["encoding"] = "base64"
     else:
-        entry["data"] = values  # orjson with OPT_SERIALIZE_NUMPY writes the nested lists
+        # orjson with OPT_SERIALIZE_NUMPY writes the nested lists; JSON shows bfloat16's values.
+        entry["data"] = bfloat16_to_float32(raw) if rec.dtype == "bfloat16" else raw
     return entry
 
 
