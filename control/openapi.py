@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
+from engine.hooks import COMPONENTS, DTYPES, POSITIONS
+
 _HOOK = {
     "type": "object",
     "required": ["layer_name"],
     "properties": {
         "layer_name": {"type": "string", "example": "transformer.h.5"},
-        "component": {"type": "string", "enum": [
-            "residual", "attention", "mlp", "embedding", "layernorm",
-            "attention_scores", "attention_pattern", "key", "query", "value"]},
+        "component": {"type": "string", "enum": list(COMPONENTS)},
         "hook_id": {"type": "string"},
         "capture_input": {"type": "boolean", "default": False},
         "capture_output": {"type": "boolean", "default": True},
@@ -43,8 +43,8 @@ _CHAT_ACT = {
         "activation_hooks": {"type": "array", "items": _HOOK},
         "activations_transport": {"type": "string", "enum": ["inline", "shm"], "default": "inline"},
         "activations_encoding": {"type": "string", "enum": ["json", "base64"], "default": "json"},
-        "activation_positions": {"type": "string", "enum": ["all", "last", "prompt", "generated"]},
-        "activation_dtype": {"type": "string", "enum": ["float32", "float16", "bfloat16"]},
+        "activation_positions": {"type": "string", "enum": list(POSITIONS)},
+        "activation_dtype": {"type": "string", "enum": list(DTYPES)},
     },
 }
 _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
