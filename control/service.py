@@ -137,8 +137,6 @@ class ModelService:
             seed=_field(body, "seed", None),
             stop=_field(body, "stop", None) or [],
         ).validate()
-        if params.seed is not None and not 0 <= params.seed < 2**64:  # mx.random.seed takes uint64 only
-            raise InvalidRequest(f"'seed' must be an integer in [0, 2**64) (got {params.seed})", "seed")
         if _field(body, "n", 1) != 1:
             raise InvalidRequest("only n = 1 is supported", "n")
         prompt = lm.chat_prompt(body.get("messages"))

@@ -41,7 +41,8 @@ class SamplingParams:
         check(_is_num(self.temperature) and 0 <= self.temperature <= 100, "temperature", "must be a number in [0, 100]")
         check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number in (0, 1]")
         check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0")
-        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
+        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
+              "must be an integer in [0, 2**64)")  # mx.random.seed takes uint64 only
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         check(

@@ -172,7 +172,7 @@ BAD_PARAMS = [
     ("temperature", -0.1), ("temperature", 101), ("temperature", "1"), ("temperature", None), ("temperature", False),
     ("top_p", 0), ("top_p", 1.1), ("top_p", -1), ("top_p", "0.5"),
     ("top_k", -1), ("top_k", 1.5), ("top_k", "2"),
-    ("seed", "x"), ("seed", 1.5), ("seed", True),
+    ("seed", "x"), ("seed", 1.5), ("seed", True), ("seed", -1), ("seed", 2 ** 64),
     ("stop", ""), ("stop", [""]), ("stop", [1]), ("stop", ["a"] * 17), ("stop", 5), ("stop", None),
 ]
 
@@ -189,7 +189,7 @@ def test_invalid_sampling_values(tiny_llama, field, value):
 def test_valid_sampling_values():
     p = SamplingParams(max_tokens=1, temperature=0, top_p=1, top_k=0, seed=0, stop="x").validate()
     assert p.stop == ["x"]
-    SamplingParams(temperature=100, top_p=0.01, top_k=5, seed=-3, stop=["a"] * 16).validate()
+    SamplingParams(temperature=100, top_p=0.01, top_k=5, seed=2 ** 64 - 1, stop=["a"] * 16).validate()
 
 
 def test_empty_prompt(tiny_llama):
