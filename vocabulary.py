@@ -49,7 +49,7 @@ class Component:
         return self.token_axis == 1
 
 
-# The contract's order (DESIGN.md section 2): clients list components in this order.
+# The API's order (what clients list, e.g. GET /v1/activations/points); docs/activations.md describes each.
 # Key pads are exact: the causal mask puts -inf on keys a row never saw (scores), and softmax
 # gives them probability 0 (pattern).
 COMPONENTS: dict[str, Component] = {c.name: c for c in (
@@ -172,7 +172,7 @@ def resolve_name(layer_name: str, component: str | None, n_layers: int) -> Site:
         raise VocabularyError(f"hook on {layer_name!r} needs a 'component': one of {', '.join(COMPONENTS)}",
                               "component")
     if component == "embedding":
-        return Site("embed", None, component, None)  # the layer name is ignored for embeddings (DESIGN 3)
+        return Site("embed", None, component, None)  # the layer name is ignored for embeddings
     if sub is None:
         return Site(COMPONENTS[component].site, layer, component, None)
     site = SUBMODULES[sub]

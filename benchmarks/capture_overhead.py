@@ -25,11 +25,12 @@ import mlx_lm
 from mlx_lm.sample_utils import make_sampler
 
 from benchmarks.report import machine_info, median, print_table, progress, write_result
-from engine.capture import Capture
 from engine.default_model import MODEL_ID, ensure_default_model
-from engine.generate import Generation, SamplingParams, generate
-from engine.hooks import COMPONENTS, resolve_hooks
+from engine.generate import generate
 from engine.model import load_model
+from engine.params import SamplingParams
+from engine.plan import plan
+from vocabulary import COMPONENT_NAMES as COMPONENTS
 
 VARIANTS = ("mlx_lm", "engine", "residual", "all_ten")
 TARGETS = {"residual": 1.05, "all_ten": 1.5}
@@ -84,13 +85,14 @@ def run_once(lm, variant: str, prompt: list[int], n_decode: int) -> dict:
         captured = 0
     else:
         specs = hook_specs(lm, variant)
-        capture = Capture(lm, resolve_hooks(lm, specs)) if specs else None
-        gen = Generation(prompt_tokens=len(prompt), token_ids=list(prompt))
-        for ev in generate(lm, prompt, SamplingParams(max_tokens=n_decode, temperature=0.0), capture, gen):
+        capture = None
+        for ev in generate(plan(lm, prompt=prompt, sampling=SamplingParams(max_tokens=n_decode, temperature=0.0),
+                                hooks=specs)):
             first = first or time.perf_counter()
             tokens.append(ev.token)
+            capture = ev.capture
         captured = sum(s.array.nbytes for r in capture.records for s in r.steps) if capture else 0
-        del capture
+        del capture, ev
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"tokens": tokens, "total_s": total, "cpu_s": cpu, "prefill_s": first - t0, "decode_s": total - (first - t0),
             "captured_bytes": captured}

@@ -121,8 +121,9 @@ def mlx_side(model_dir: str, model_id: str | None, n_tokens: int, runs: int) -> 
     from mlx_lm.models.cache import make_prompt_cache
 
     from engine.capture import Capture
-    from engine.hooks import COMPONENTS, resolve_hooks
+    from engine.hooks import hook_specs, resolve_hooks
     from engine.model import load_model
+    from vocabulary import COMPONENT_NAMES as COMPONENTS
 
     lm = load_model(model_dir, model_id)
     ids: list[int] = []
@@ -140,7 +141,7 @@ def mlx_side(model_dir: str, model_id: str | None, n_tokens: int, runs: int) -> 
         if not hooks:
             mx.eval(lm.model(x, cache=cache))
             return None
-        capture = Capture(lm, resolve_hooks(lm, hooks))
+        capture = Capture(lm, resolve_hooks(lm, hook_specs(hooks)))
         with capture.installed(lm):
             capture.begin_step(0, 0)
             logits = lm.model(x, cache=cache)
@@ -148,7 +149,8 @@ def mlx_side(model_dir: str, model_id: str | None, n_tokens: int, runs: int) -> 
         return capture
 
     variants = {"plain": None, "resid_post": resid, "all": everything}
-    counts = {"resid_post": len(resolve_hooks(lm, resid)), "all": len(resolve_hooks(lm, everything))}
+    counts = {"resid_post": len(resolve_hooks(lm, hook_specs(resid))),
+              "all": len(resolve_hooks(lm, hook_specs(everything)))}
     for name, hooks in variants.items():
         for _ in range(2):
             forward(hooks)

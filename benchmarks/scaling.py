@@ -29,9 +29,11 @@ import engine  # noqa: F401  (OpenBLAS before mlx.core)
 from benchmarks.report import MiB, machine_info, median, print_table, progress, write_result
 from engine.capture import Capture
 from engine.default_model import MODEL_ID, ensure_default_model
-from engine.generate import SamplingParams, generate
-from engine.hooks import resolve_hooks
+from engine.generate import generate
+from engine.hooks import hook_specs, resolve_hooks
 from engine.model import LoadedModel, load_model
+from engine.params import SamplingParams
+from engine.plan import plan
 from engine.records import CaptureResult
 
 TEXT = ("The history of computing is a story of abstraction layered on abstraction. Early machines were "
@@ -66,11 +68,12 @@ def hooks_for(n_layers: int, components: list[str], layers: int | None = None) -
 
 
 def run_once(lm: LoadedModel, prompt: list[int], decode: int, hooks: list[dict] | None):
-    capture = Capture(lm, resolve_hooks(lm, hooks)) if hooks else None
     c0, t0 = time.process_time(), time.perf_counter()
-    n = 0
-    for _ in generate(lm, prompt, SamplingParams(max_tokens=decode, temperature=0.0), capture=capture):
+    n, capture = 0, None
+    for event in generate(plan(lm, prompt=prompt, sampling=SamplingParams(max_tokens=decode, temperature=0.0),
+                               hooks=hooks)):
         n += 1
+        capture = event.capture
     return (time.perf_counter() - t0, time.process_time() - c0), capture, n
 
 
@@ -124,7 +127,8 @@ def run_sweep(lm: LoadedModel, name: str, vary: str, configs: list[dict], runs: 
         base, t = median(times[bkey]), median(times[ckey])
         rows.append({
             "label": c["label"], "prompt_tokens": c["prompt_tokens"], "decode_tokens": generated[(c["label"], c["prompt_tokens"])],
-            "layers": c["layers"], "hooks": len(resolve_hooks(lm, c["hooks"])), "components": c.get("components"),
+            "layers": c["layers"], "hooks": len(resolve_hooks(lm, hook_specs(c["hooks"]))),
+            "components": c.get("components"),
             "capture_mib": sizes[c["label"]] / MiB, "base_ms": base * 1e3, "capture_ms": t * 1e3,
             "overhead_pct": (t / base - 1) * 100,
             "overhead_best_pct": (min(times[ckey]) / min(times[bkey]) - 1) * 100,

@@ -28,8 +28,8 @@ import numpy as np
 import orjson
 import requests
 
-from control.process import ServerProcess
 from benchmarks.report import MiB, machine_info, median, percentile, print_table, progress, write_result
+from tests.server_process import ServerProcess
 
 PROMPT = "Hello! In one short sentence, what is the capital of France?"
 

@@ -36,7 +36,8 @@ import orjson
 import requests
 
 from benchmarks.report import MiB, machine_info, median, print_table, progress, write_result
-from benchmarks.server_load import ServerProcess, default_model_path
+from benchmarks.server_load import default_model_path
+from tests.server_process import ServerProcess
 
 D_MODEL = 576  # the default model's width, so the synthetic capture looks like its captures
 DECODE_STEPS = 8

@@ -2,8 +2,8 @@
 
 - `save_capture(capture, "run.arrow")`: an Arrow IPC *file* in the server's own capture
   layout (`nsbridge.activations/1`, docs/shm-format.md): one row per processed token, one
-  fixed-shape tensor column per hook, tokens and ids in the schema metadata. Any capture
-  the bridge knows can be saved: an inline response (JSON or base64 entries), a streamed
+  fixed-shape tensor column per hook, tokens and ids in the schema metadata, laid out by
+  the server's own writer (`shm.writer`). Any capture the bridge knows can be saved: an inline response (JSON or base64 entries), a streamed
   result, a `ShmCapture`, an `shm.CaptureView`.
   `load_capture("run.arrow")` memory-maps it and returns an `shm.CaptureView` (zero-copy;
   `bridge.neuroscope.to_neuroscope` converts it like a live capture).
@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from bridge.neuroscope import FORMAT, HookRows, capture_rows, iter_tensors, to_neuroscope
-from shm.format import STORAGE, capture_schema, hook_field
-from shm.reader import CaptureView
+from shm.format import STORAGE
+from shm.reader import CaptureView, read_table
+from shm.writer import capture_to_bytes
+from vocabulary import COMPONENTS
 
 ARROW_SUFFIXES = (".arrow", ".arrows", ".feather", ".ipc")
 SAFETENSORS_SUFFIXES = (".safetensors", ".st")
@@ -64,38 +67,18 @@ def load_capture(path: str | Path) -> CaptureView:
 
 
 # --- Arrow ------------------------------------------------------------------------------
-def _unique_names(schema: pa.Schema) -> pa.Schema:
-    """Column names must be unique for readers that look columns up by name; a hook captured
-    both as input and output shares one hook_id, so the input column becomes `<id>:input`
-    (the field metadata keeps the real hook_id)."""
-    seen: set[str] = set()
-    fields = []
-    for f in schema:
-        name = f.name
-        if name in seen:
-            is_input = (f.metadata or {}).get(b"nsbridge.is_input") == b"true"
-            base = f"{name}:input" if is_input else f"{name}:output"
-            name, n = base, 2
-            while name in seen:
-                name, n = f"{base}#{n}", n + 1
-            f = f.with_name(name)
-        seen.add(name)
-        fields.append(f)
-    return pa.schema(fields, metadata=schema.metadata)
-
-
 def capture_table(capture: Any) -> pa.Table:
-    """The capture as one table in the `nsbridge.activations/1` layout."""
+    """The capture as one table in the `nsbridge.activations/1` layout: a CaptureView's own
+    table, or any other capture laid out by the server's writer (`shm.writer`)."""
     from bridge.client import ShmCapture
 
     view = capture.view if isinstance(capture, ShmCapture) else capture
     if isinstance(view, CaptureView):
         if view.table is None:
             raise ValueError("the capture is closed; save it before closing")
-        t = view.table
-        return pa.Table.from_arrays(t.columns, schema=_unique_names(t.schema))
+        return view.table
     meta, rows = capture_rows(capture)
-    return _table_from_rows(meta, rows)
+    return read_table(capture_to_bytes(_as_capture(meta, rows)))
 
 
 def _storage(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -106,39 +89,30 @@ def _storage(values: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(values, np.float32)
 
 
-def _table_from_rows(meta: dict, rows: list[HookRows]) -> pa.Table:
-    if rows:
-        step, position = rows[0].step, rows[0].position
-        for r in rows[1:]:
-            if not (np.array_equal(r.step, step) and np.array_equal(r.position, position)):
-                raise ValueError(f"hook {r.hook_id!r} covers other tokens than hook {rows[0].hook_id!r}; "
-                                 "every hook of a capture must see the same forward passes")
-    else:
-        step = position = np.zeros(0, np.int64)
-    n_rows = len(step)
-    ids = np.asarray(meta.get("token_ids") or [], dtype=np.int64)
-    token_id = np.full(n_rows, -1, np.int32)
-    known = position < len(ids)
-    token_id[known] = ids[position[known]]
-    fields, columns = [], []
+def _as_capture(meta: dict, rows: list[HookRows]) -> SimpleNamespace:
+    """HookRows back in the shape shm.writer reads (see its docstring): per-step arrays in
+    the engine's layout, in the captured dtype. Key-padded rows stay padded (the pad is exact)."""
+    hooks = []
     for r in rows:
         dtype = r.source_dtype if r.source_dtype in STORAGE else "float32"
-        shape = tuple(int(d) for d in r.data.shape[1:])
-        field = hook_field(hook_id=r.hook_id, layer_name=r.layer_name, module_path=r.module_path,
-                           layer_index=r.layer, component=r.component, is_input=r.is_input, dtype=dtype, shape=shape)
-        values = _storage(r.data, dtype).reshape(-1)
-        per = int(np.prod(shape, dtype=np.int64))
-        storage = pa.FixedSizeListArray.from_arrays(pa.array(values, type=STORAGE[dtype][1]), per)
-        fields.append(field)
-        columns.append(pa.ExtensionArray.from_storage(field.type, storage))
-    schema = capture_schema(
-        fields, capture_id=meta.get("capture_id") or "inline", model_id=meta.get("model_id") or "",
-        token_ids=[int(t) for t in ids], tokens=list(meta.get("tokens") or []),
-        prompt_tokens=int(meta.get("prompt_tokens") or 0),
+        values = _storage(r.data, dtype)
+        axis = COMPONENTS[r.component].token_axis
+        bounds = [0, *(np.flatnonzero(np.diff(r.step)) + 1), len(r.step)]  # rows are in step order
+        steps = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]) if len(r.step) else ():
+            start = int(r.position[lo])
+            if not np.array_equal(r.position[lo:hi], np.arange(start, start + hi - lo)):
+                raise ValueError(f"hook {r.hook_id!r} step {int(r.step[lo])}: positions are not consecutive")
+            steps.append(SimpleNamespace(step=int(r.step[lo]), start=start,
+                                         array=np.moveaxis(values[lo:hi], 0, axis)))
+        hooks.append(SimpleNamespace(hook_id=r.hook_id, layer_name=r.layer_name, module_path=r.module_path,
+                                     layer_index=r.layer, component=r.component, is_input=r.is_input,
+                                     dtype=dtype, steps=steps))
+    return SimpleNamespace(
+        capture_id=meta.get("capture_id") or "inline", model_id=meta.get("model_id") or "",
+        token_ids=[int(t) for t in meta.get("token_ids") or []], tokens=list(meta.get("tokens") or []),
+        prompt_tokens=int(meta.get("prompt_tokens") or 0), hooks=hooks,
     )
-    schema = _unique_names(schema)
-    base = [pa.array(step.astype(np.int32)), pa.array(position.astype(np.int32)), pa.array(token_id)]
-    return pa.Table.from_arrays(base + columns, schema=schema)
 
 
 # --- safetensors (NeuroScope's format) ---------------------------------------------------

@@ -42,32 +42,21 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from shm.format import stack_token_major
+from vocabulary import COMPONENT_NAMES, COMPONENTS, EMBEDDING_LAYER, neuroscope_layer_name
+
 FORMAT = "neuroscope.activations/1"
 
-COMPONENTS = (
-    "residual", "attention", "mlp", "embedding", "layernorm",
-    "attention_scores", "attention_pattern", "key", "query", "value",
-)
-VECTOR_COMPONENTS = ("embedding", "residual", "attention", "mlp", "layernorm")
-HEAD_COMPONENTS = ("query", "key", "value")
-ATTENTION_COMPONENTS = ("attention_scores", "attention_pattern")
-KEY_PAD = {"attention_scores": -np.inf, "attention_pattern": 0.0}
-# The axis of the query tokens in the server's inline per-step entries.
-INLINE_TOKEN_AXIS = {**{c: 0 for c in VECTOR_COMPONENTS}, **{c: 1 for c in HEAD_COMPONENTS + ATTENTION_COMPONENTS}}
-DIMS = {
-    **{c: ["batch", "seq", "d_model"] for c in VECTOR_COMPONENTS},
-    **{c: ["batch", "seq", "head", "d_head"] for c in HEAD_COMPONENTS},
-    **{c: ["head", "query", "key"] for c in ATTENTION_COMPONENTS},
-}
-EMBEDDING_LAYER = "transformer.wte"
-FINAL_NORM_LAYER = "transformer.ln_f"
-_LAYER_IN_PATH = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
 
-
-def neuroscope_layer_name(layer: int | None, component: str) -> str:
-    if layer is not None:
-        return f"transformer.h.{layer}"
-    return EMBEDDING_LAYER if component == "embedding" else FINAL_NORM_LAYER
+def neuroscope_dims(component: str, rank: int) -> list[str]:
+    """The axis names of a NeuroScope tensor: key-padded components (scores, patterns) are
+    [head, query, key]; every other component is a batch of one, [batch, seq, *per-token]."""
+    comp = COMPONENTS.get(component)
+    if comp is not None and comp.key_pad is not None and rank == 3:
+        return ["head", "query", "key"]
+    if comp is not None and rank == 2 + len(comp.dim_names):
+        return ["batch", "seq", *comp.dim_names]
+    return ["batch", "seq"] + [f"dim{i}" for i in range(rank - 2)]
 
 
 # --- the intermediate form: one hook, token-major rows ----------------------------------
@@ -88,8 +77,16 @@ class HookRows:
     position: np.ndarray
 
 
-def _layer_from_path(module_path: str | None, layer_name: str | None) -> int | None:
-    for text in (module_path, layer_name):
+# Servers before `layer_index` was part of every entry: the decoder layer from a name.
+_LAYER_IN_PATH = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
+
+
+def _entry_layer(entry: dict) -> int | None:
+    """The entry's decoder layer: its `layer_index` (None for the embedding and the final
+    norm); only entries of older servers, which lack it, fall back to parsing the names."""
+    if "layer_index" in entry:
+        return entry["layer_index"]
+    for text in (entry.get("module_path"), entry.get("layer_name")):
         m = _LAYER_IN_PATH.search(text or "")
         if m:
             return int(m.group(1))
@@ -111,15 +108,13 @@ def rows_from_entries(activations: dict) -> list[HookRows]:
             es = sorted(groups[is_input], key=lambda e: e.get("step", 0))
             first = es[0]
             comp = first["component"]
-            axis = INLINE_TOKEN_AXIS[comp]
-            arrays = []
+            if comp not in COMPONENTS:
+                raise ValueError(f"hook {hook_id!r}: unknown component {comp!r}; valid: {', '.join(COMPONENTS)}")
+            axis = COMPONENTS[comp].token_axis
+            arrays = [entry_array(e) for e in es]
             steps, positions = [], []
-            for e in es:
-                a = entry_array(e)
-                if axis:
-                    a = np.moveaxis(a, axis, 0)  # [H, T, x] -> [T, H, x]
-                arrays.append(a)
-                n = a.shape[0]
+            for e, a in zip(es, arrays):
+                n = a.shape[axis]
                 start, stop = (e.get("positions") or [None, None])[:2]
                 if start is None:
                     start = positions[-1][-1] + 1 if positions else 0
@@ -129,21 +124,10 @@ def rows_from_entries(activations: dict) -> list[HookRows]:
                                      f"do not match {n} rows")
                 positions.append(np.arange(start, stop, dtype=np.int64))
                 steps.append(np.full(n, int(e.get("step", 0)), dtype=np.int64))
-            if comp in KEY_PAD:
-                n_keys = max(a.shape[-1] for a in arrays)
-                padded = []
-                for a in arrays:
-                    if a.shape[-1] < n_keys:
-                        p = np.full(a.shape[:-1] + (n_keys,), KEY_PAD[comp], dtype=np.float32)
-                        p[..., : a.shape[-1]] = a
-                        a = p
-                    padded.append(a)
-                arrays = padded
-            data = np.concatenate(arrays, axis=0) if len(arrays) > 1 else np.ascontiguousarray(arrays[0])
+            data = stack_token_major(comp, arrays)  # the shm column's layout: [rows, *per_token], keys padded
             out.append(HookRows(
                 hook_id=hook_id, layer_name=first.get("layer_name", hook_id),
-                module_path=first.get("module_path", ""),
-                layer=_layer_from_path(first.get("module_path"), first.get("layer_name")),
+                module_path=first.get("module_path", ""), layer=_entry_layer(first),
                 component=comp, is_input=is_input, source_dtype=first.get("dtype", "float32"),
                 data=data.astype(np.float32, copy=False),
                 step=np.concatenate(steps), position=np.concatenate(positions),
@@ -162,7 +146,7 @@ def rows_from_view(view) -> list[HookRows]:
         data = h.to_float32() if info.dtype != "float32" else np.array(h.data, dtype=np.float32, copy=True)
         out.append(HookRows(
             hook_id=info.hook_id, layer_name=info.layer_name, module_path=info.module_path,
-            layer=info.layer_index if info.layer_index is not None else _layer_from_path(info.module_path, None),
+            layer=info.layer_index,  # the stream's field metadata always carries it
             component=info.component, is_input=bool(info.is_input), source_dtype=info.dtype,
             data=data, step=step.copy(), position=position.copy(),
         ))
@@ -212,7 +196,8 @@ def _label(tokens: list[str], p: int) -> str:
 
 def tensor_from_rows(r: HookRows, tokens: list[str]) -> dict:
     comp = r.component
-    if comp in ATTENTION_COMPONENTS:
+    keyed = comp in COMPONENTS and COMPONENTS[comp].key_pad is not None  # attention scores / pattern
+    if keyed:
         data = np.ascontiguousarray(r.data.transpose(1, 0, 2))  # [H, seq, keys]
     else:
         data = np.ascontiguousarray(r.data[None])  # batch of 1
@@ -220,7 +205,7 @@ def tensor_from_rows(r: HookRows, tokens: list[str]) -> dict:
     t = {
         "data": data,
         "shape": list(data.shape),
-        "dims": list(DIMS.get(comp, ["batch", "seq"] + [f"dim{i}" for i in range(data.ndim - 2)])),
+        "dims": neuroscope_dims(comp, data.ndim),
         "dtype": "float32",
         "source_dtype": r.source_dtype,
         "component": comp,
@@ -232,7 +217,7 @@ def tensor_from_rows(r: HookRows, tokens: list[str]) -> dict:
         "positions": positions,
         "tokens": [_label(tokens, p) for p in positions],
     }
-    if comp in ATTENTION_COMPONENTS:
+    if keyed:
         t["key_tokens"] = [_label(tokens, k) for k in range(data.shape[-1])]
     return t
 
@@ -339,7 +324,7 @@ class NeuroScopeActivationBridge:
         components = [components] if isinstance(components, str) else list(components)
         bad = [c for c in components if c not in COMPONENTS]
         if bad:
-            raise ValueError(f"unknown components {bad}; valid: {', '.join(COMPONENTS)}")
+            raise ValueError(f"unknown components {bad}; valid: {', '.join(COMPONENT_NAMES)}")
         hooks: list[dict] = []
         if "embedding" in components:
             hooks.append({"layer_name": EMBEDDING_LAYER, "component": "embedding",
@@ -350,7 +335,7 @@ class NeuroScopeActivationBridge:
                     continue
                 hooks.append({"layer_name": f"transformer.h.{i}", "component": c,
                               "hook_id": f"transformer.h.{i}.{c}",
-                              "capture_input": bool(capture_input) and c not in HEAD_COMPONENTS + ATTENTION_COMPONENTS,
+                              "capture_input": bool(capture_input) and COMPONENTS[c].has_input,
                               "capture_output": True})
         return hooks
 

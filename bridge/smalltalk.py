@@ -3,7 +3,8 @@
 `generate_neuroscope_smalltalk_interface(client)` renders `bridge/templates/LMStudioRESTClient.st`
 (chunk format, the common subset of Squeak dialects, SqueakJS included) with the server's
 address and the loaded model's facts (model id, decoder layer count, hook components) filled
-in. `client` is an `LMStudioNeuroScopeClient` (anything with `.base_url` and `.hook_points()`
+in, and the component vocabulary (which components exist, which are per head, key-padded or
+attention internals) taken from vocabulary.py. `client` is an `LMStudioNeuroScopeClient` (anything with `.base_url` and `.hook_points()`
 answering GET /v1/activations/points), or None with the facts given as keywords:
 
     generate_neuroscope_smalltalk_interface(client)
@@ -19,10 +20,13 @@ server instead.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable
+
+from vocabulary import ATTENTION_INTERNALS, COMPONENT_NAMES, COMPONENTS, KEY_PADDED
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "LMStudioRESTClient.st"
@@ -33,11 +37,7 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 # against a live server.
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_N_LAYERS = 30
-# The component vocabulary of the API contract, in its order (DESIGN.md section 2).
-COMPONENT_ORDER = (
-    "residual", "attention", "mlp", "embedding", "layernorm",
-    "attention_scores", "attention_pattern", "key", "query", "value",
-)
+COMPONENT_ORDER = COMPONENT_NAMES  # the API's order (vocabulary.py)
 DEFAULT_COMPONENTS = COMPONENT_ORDER
 
 _MARKER = re.compile(r"@@([A-Z_]+)@@")
@@ -75,6 +75,23 @@ def facts_from_client(client: Any) -> dict:
     }
 
 
+def vocabulary_values() -> dict[str, str]:
+    """The template's vocabulary markers, from vocabulary.py. The template knows two token
+    axes (vectors and per-head tensors) and two key pads (-inf and 0.0): anything else is refused
+    here rather than rendered wrong."""
+    if any(c.token_axis not in (0, 1) for c in COMPONENTS.values()):
+        raise ValueError("the Smalltalk template only knows token axes 0 and 1")
+    if any(COMPONENTS[c].key_pad not in (-math.inf, 0.0) for c in KEY_PADDED):
+        raise ValueError("the Smalltalk template only knows key pads -inf and 0.0")
+    return {
+        "ALL_COMPONENTS": st_string_array(COMPONENT_NAMES),
+        "ATTENTION_INTERNALS": st_string_array(ATTENTION_INTERNALS),
+        "PER_HEAD": st_string_array(c.name for c in COMPONENTS.values() if c.per_head),
+        "KEY_PADDED": st_string_array(KEY_PADDED),
+        "NEGATIVE_INFINITY_PADDED": st_string_array(c for c in KEY_PADDED if COMPONENTS[c].key_pad == -math.inf),
+    }
+
+
 def render(base_url: str, model_id: str, n_layers: int, components: Iterable[str]) -> str:
     if not re.match(r"^http://[^/\s:]+(:\d+)?(/\S*)?$", base_url):
         raise ValueError(f"base_url must look like http://host:port (SqueakJS has no TLS here): {base_url!r}")
@@ -91,6 +108,7 @@ def render(base_url: str, model_id: str, n_layers: int, components: Iterable[str
         "MODEL_ID": st_string_body(model_id),
         "N_LAYERS": str(int(n_layers)),
         "COMPONENTS": st_string_array(components),
+        **vocabulary_values(),
     }
     template = TEMPLATE.read_text(encoding="utf-8")
     missing = set(_MARKER.findall(template)) - set(values)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import engine  # noqa: F401  (OpenBLAS before mlx.core)
+from control.security import DEFAULT_MAX_BODY_BYTES
 
 
 def _size(text: str) -> int:
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="require 'Authorization: Bearer KEY' (env NSBRIDGE_API_KEY)")
     serve.add_argument("--cors-origin", action="append", default=[],
                        help="allow this browser origin (repeatable); CORS is off by default")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="also answer requests whose Host is NAME (repeatable); loopback names and the "
+                            "--host address always are. '*' turns the Host check off: dangerous, since any "
+                            "web page can then read the server's answers through DNS rebinding")
+    serve.add_argument("--max-body-size", type=_size, default=DEFAULT_MAX_BODY_BYTES, metavar="SIZE",
+                       help=f"largest request body (e.g. 8M; default {DEFAULT_MAX_BODY_BYTES >> 20}M)")
     serve.add_argument("--allow-model-dir", action="append", default=[], type=Path,
                        help="directory clients may load models from without an API key (repeatable)")
     serve.add_argument("--state-dir", help="where the shared-memory registry lives (default: cache dir)")
@@ -59,9 +66,9 @@ def serve_command(args) -> int:
     import uvicorn
 
     from control.app import AppConfig, create_app
+    from control.errors import HTTPError
     from control.service import ModelService, ServiceConfig
     from engine.blas import BLAS_IN_USE
-    from engine.errors import NSBridgeError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("nsbridge")
@@ -69,16 +76,20 @@ def serve_command(args) -> int:
     config = AppConfig(
         service=ServiceConfig(allowed_model_dirs=args.allow_model_dir, allow_any_model=bool(args.api_key),
                               capture_budget_bytes=args.capture_budget, queue_size=args.queue_size),
-        api_key=args.api_key, cors_origins=args.cors_origin, shm_ttl_s=args.shm_ttl,
+        api_key=args.api_key, cors_origins=args.cors_origin, allowed_hosts=args.allowed_host,
+        bound_host=args.host, max_body_bytes=args.max_body_size, shm_ttl_s=args.shm_ttl,
         shm_budget_bytes=args.shm_budget, state_dir=args.state_dir,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
+    if args.host in ("0.0.0.0", "::") and not args.allowed_host:
+        log.warning("listening on %s, but only loopback Host names are served: start with --allowed-host NAME "
+                    "for each name or address clients use to reach this machine", args.host)
     service = ModelService(config.service)
     if not args.no_model:
         try:
             service.load(args.model, args.model_id)
-        except NSBridgeError as exc:
+        except HTTPError as exc:
             log.error("cannot load the model: %s", exc.message)
             return 2
     app = create_app(config, service)

@@ -11,18 +11,18 @@ import base64
 
 import numpy as np
 
-from engine.records import CaptureResult, HookRecord, StepTensor, to_numpy
-from shm.format import bfloat16_to_float32
-
-ENCODINGS = ("json", "base64")
+from shm.format import bfloat16_to_float32, to_numpy
+from vocabulary import COMPONENTS
 
 
-def step_entry(rec: HookRecord, st: StepTensor, encoding: str = "json") -> dict:
+def step_entry(rec, st, encoding: str = "json") -> dict:
+    """One hook's entry for one step (`rec`: a HookRecord, `st`: one of its StepTensors)."""
     raw = np.ascontiguousarray(to_numpy(st.array))  # bfloat16 as its uint16 bits
-    n = st.array.shape[rec.token_axis]
+    n = st.array.shape[COMPONENTS[rec.component].token_axis]
     entry = {
         "hook_id": rec.hook_id,
         "layer_name": rec.layer_name,
+        "layer_index": rec.layer_index,
         "component": rec.component,
         "shape": list(raw.shape),
         "dtype": rec.dtype,
@@ -40,7 +40,7 @@ def step_entry(rec: HookRecord, st: StepTensor, encoding: str = "json") -> dict:
     return entry
 
 
-def entries_for_steps(records: list[HookRecord], steps: set[int] | None = None, encoding: str = "json") -> dict:
+def entries_for_steps(records: list, steps: set[int] | None = None, encoding: str = "json") -> dict:
     """{hook_id: [entry, ...]} in step order, input before output within a step."""
     out: dict[str, list[tuple[int, bool, dict]]] = {}
     for rec in records:
@@ -50,5 +50,5 @@ def entries_for_steps(records: list[HookRecord], steps: set[int] | None = None, 
     return {hook_id: [e for _, _, e in sorted(items, key=lambda x: (x[0], x[1]))] for hook_id, items in out.items()}
 
 
-def inline_activations(capture: CaptureResult, encoding: str = "json") -> dict:
+def inline_activations(capture, encoding: str = "json") -> dict:
     return entries_for_steps(capture.hooks, None, encoding)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import time
 
-from engine.generate import Generation
-
-
-def usage(generation: Generation) -> dict:
+def usage(generation) -> dict:
+    """`generation`: the engine's Completion (prompt_tokens, completion_tokens, token_ids)."""
     return {
         "prompt_tokens": generation.prompt_tokens,
         "completion_tokens": generation.completion_tokens,
@@ -15,7 +13,7 @@ def usage(generation: Generation) -> dict:
     }
 
 
-def completion(completion_id: str, model_id: str, generation: Generation) -> dict:
+def completion(completion_id: str, model_id: str, generation) -> dict:
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -45,7 +43,7 @@ def chunk(completion_id: str, model_id: str, created: int, delta: dict, finish_r
     }
 
 
-def usage_chunk(completion_id: str, model_id: str, created: int, generation: Generation) -> dict:
+def usage_chunk(completion_id: str, model_id: str, created: int, generation) -> dict:
     return {
         "id": completion_id,
         "object": "chat.completion.chunk",

@@ -1,100 +1,95 @@
-"""The OpenAPI description of the server, built from the route table so it cannot drift."""
+"""The OpenAPI 3.1 document, generated from the route table and the request schemas.
+
+Request bodies are the pydantic models of control/schemas.py (the same ones that validate),
+summaries are the handlers' docstrings, so the document cannot drift from the server. Links
+tell a client (and schemathesis' stateful phase) that a capture id from a chat response
+names a capture at /v1/activations/{capture_id}.
+"""
 
 from __future__ import annotations
 
+from pydantic.json_schema import models_json_schema
 from starlette.routing import Route
 
-from engine.hooks import COMPONENTS, DTYPES, POSITIONS
+from control.schemas import ActivationChatRequest, ChatRequest, LoadModelRequest, RegisterHooksRequest
 
-_HOOK = {
-    "type": "object",
-    "required": ["layer_name"],
-    "properties": {
-        "layer_name": {"type": "string", "example": "transformer.h.5"},
-        "component": {"type": "string", "enum": list(COMPONENTS)},
-        "hook_id": {"type": "string"},
-        "capture_input": {"type": "boolean", "default": False},
-        "capture_output": {"type": "boolean", "default": True},
-    },
+# handler name -> its request body
+BODIES = {
+    "load_model": LoadModelRequest,
+    "chat": ChatRequest,
+    "chat_with_activations": ActivationChatRequest,
+    "register_hooks": RegisterHooksRequest,
 }
-_MESSAGES = {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"], "properties": {
-    "role": {"type": "string", "enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}}
-_CHAT = {
-    "type": "object",
-    "required": ["messages"],
-    "properties": {
-        "model": {"type": "string"},
-        "messages": _MESSAGES,
-        "max_tokens": {"type": "integer", "minimum": 1, "default": 256},
-        "temperature": {"type": "number", "minimum": 0, "default": 1.0},
-        "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},  # OpenAPI 3.0 form
-        "top_k": {"type": "integer", "minimum": 0},
-        "seed": {"type": "integer"},
-        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "stream": {"type": "boolean", "default": False},
-        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    },
-}
-_CHAT_ACT = {
-    "type": "object",
-    "required": ["messages"],
-    "properties": {
-        **_CHAT["properties"],
-        "activation_hooks": {"type": "array", "items": _HOOK},
-        "activations_transport": {"type": "string", "enum": ["inline", "shm"], "default": "inline"},
-        "activations_encoding": {"type": "string", "enum": ["json", "base64"], "default": "json"},
-        "activation_positions": {"type": "string", "enum": list(POSITIONS)},
-        "activation_dtype": {"type": "string", "enum": list(DTYPES)},
-    },
-}
-_ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-    "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
-    "code": {"type": "string"}}}}}
 
-# (path, method) -> (summary, request body schema or None)
-OPERATIONS = {
-    ("/health", "GET"): ("Liveness, loaded model, BLAS in use", None),
-    ("/openapi.json", "GET"): ("This description", None),
-    ("/v1/models", "GET"): ("The loaded model (OpenAI list format)", None),
-    ("/v1/models/load", "POST"): ("Load a model (replaces the current one)", {
-        "type": "object", "required": ["model_path"],
-        "properties": {"model_path": {"type": "string"}, "model_id": {"type": "string"}}}),
-    ("/v1/chat/completions", "POST"): ("OpenAI chat completions (stream with SSE)", _CHAT),
-    ("/v1/chat/completions/with_activations", "POST"): ("Chat plus captured activations", _CHAT_ACT),
-    ("/v1/activations/hooks", "POST"): ("Register hooks used by later requests that name none", {
-        "type": "object", "required": ["hooks"], "properties": {"hooks": {"type": "array", "items": _HOOK}}}),
-    ("/v1/activations/hooks", "GET"): ("List registered hooks", None),
-    ("/v1/activations/hooks", "DELETE"): ("Clear registered hooks", None),
-    ("/v1/activations/hooks/clear", "POST"): ("Clear registered hooks (POST twin for SqueakJS)", None),
-    ("/v1/activations/points", "GET"): ("Every hook point of the loaded model", None),
-    ("/v1/activations", "GET"): ("Live shared-memory captures", None),
-    ("/v1/activations/{capture_id}", "GET"): ("A capture's Arrow IPC stream", None),
-    ("/v1/activations/{capture_id}", "DELETE"): ("Release a capture", None),
-    ("/v1/activations/{capture_id}/release", "POST"): ("Release a capture (POST twin for SqueakJS)", None),
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": "string"}}}}}
+_COMPLETION = {"type": "object", "required": ["id", "object", "model", "choices"], "properties": {
+    "id": {"type": "string"}, "object": {"const": "chat.completion"}, "model": {"type": "string"},
+    "choices": {"type": "array", "items": {"type": "object", "required": ["message", "finish_reason"]}},
+    "usage": {"type": "object"}}}
+_ACTIVATIONS = {**_COMPLETION, "required": [*_COMPLETION["required"], "activations", "tokens", "token_ids"],
+                "properties": {
+                    **_COMPLETION["properties"],
+                    "activations": {"type": "object", "additionalProperties": {"type": "array"}},
+                    "tokens": {"type": "array", "items": {"type": "string"}},
+                    "token_ids": {"type": "array", "items": {"type": "integer"}},
+                    "capture": {"type": "object", "required": ["capture_id", "handle"],
+                                "properties": {"capture_id": {"type": "string"}, "handle": {"type": "object"}}},
+                }}
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+
+# (handler name) -> 200 content
+_OK_CONTENT = {
+    "chat": {"application/json": {"schema": _COMPLETION}, **_SSE},
+    "chat_with_activations": {"application/json": {"schema": _ACTIVATIONS}, **_SSE},
+    "get_capture": {"application/vnd.apache.arrow.stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+# A capture id in a chat response names a capture (used by clients and by schemathesis' stateful tests).
+_CAPTURE_LINKS = {
+    name: {"operationId": op, "parameters": {"capture_id": "$response.body#/capture/capture_id"}}
+    for name, op in (("GetCapture", "get_capture"), ("ReleaseCapture", "release_capture"),
+                     ("ReleaseCapturePost", "release_capture_post"))
 }
 
 
 def openapi_spec(routes: list[Route]) -> dict:
+    defs_mapping, defs = models_json_schema([(m, "validation") for m in BODIES.values()],
+                                            ref_template="#/components/schemas/{model}")
     paths: dict = {}
+    seen: set[str] = set()
     for route in routes:
+        name = route.endpoint.__name__
         for method in sorted(route.methods - {"HEAD"}):
-            summary, body = OPERATIONS[(route.path, method)]
+            op_id = name if name not in seen else f"{name}_{method.lower()}"
+            seen.add(op_id)
+            ok: dict = {"description": "OK", "content": _OK_CONTENT.get(name, {"application/json": {
+                "schema": {"type": "object"}}})}
+            if name == "chat_with_activations":
+                ok["links"] = _CAPTURE_LINKS
             op: dict = {
-                "summary": summary,
+                "operationId": op_id,
+                "summary": (route.endpoint.__doc__ or name).strip().splitlines()[0],
                 "responses": {
-                    "200": {"description": "OK"},
-                    "4XX": {"description": "Error", "content": {"application/json": {"schema": _ERROR}}},
+                    "200": ok,
+                    "4XX": {"description": "Invalid request (OpenAI error shape)",
+                            "content": {"application/json": {"schema": _ERROR}}},
+                    "503": {"description": "Queue full; retry after the Retry-After seconds",
+                            "content": {"application/json": {"schema": _ERROR}}},
                 },
             }
             if "{capture_id}" in route.path:
                 op["parameters"] = [{"name": "capture_id", "in": "path", "required": True,
                                      "schema": {"type": "string"}}]
-            if body is not None:
-                op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+            if name in BODIES:
+                ref = defs_mapping[(BODIES[name], "validation")]
+                op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
             paths.setdefault(route.path, {})[method.lower()] = op
     return {
-        "openapi": "3.0.3",
-        "info": {"title": "nsbridge", "version": "0.1.0",
+        "openapi": "3.1.0",
+        "info": {"title": "nsbridge", "version": "0.2.0",
                  "description": "Activation-capture server for MLX language models"},
         "paths": paths,
+        "components": {"schemas": defs.get("$defs", {})},
     }

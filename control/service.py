@@ -2,30 +2,35 @@
 
 Everything that touches MLX runs on a single worker thread, off the event loop. Requests wait
 in a bounded queue; a full queue is refused with `Busy` (503) rather than growing without end.
+Planning a request (validation, chat template, tokenizing, hook resolution) touches no MLX
+array and runs in Starlette's thread pool, so a huge prompt never blocks the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.capture import Capture
+import engine
+from control.errors import Busy, InvalidRequest, ModelPathForbidden, NoModelLoaded, from_engine
+from control.schemas import sampling_values
 from engine.default_model import MODEL_ID as DEFAULT_MODEL_ID
 from engine.default_model import default_model_dir, ensure_default_model
-from engine.errors import Busy, CaptureTooLarge, InvalidRequest, ModelPathForbidden, NoModelLoaded
-from engine.generate import Generation, SamplingParams, TokenEvent, generate
-from engine.hooks import CaptureOptions, HookTarget, estimate_bytes, resolve_hooks
-from engine.model import LoadedModel, load_model
+from engine.errors import EngineError
+from engine.params import CaptureOptions, HookSpec, SamplingParams, parse
 from engine.progress import Progress
-from engine.records import CaptureResult
 
 log = logging.getLogger("nsbridge.control")
+
+# Engine argument -> request field, for error messages (`hooks[2]` is `activation_hooks[2]`).
+CHAT_FIELDS = {"hooks": "activation_hooks", "positions": "activation_positions", "dtype": "activation_dtype",
+               "prompt": "messages"}
 
 
 @dataclass
@@ -34,30 +39,27 @@ class ServiceConfig:
     allow_any_model: bool = False  # set when clients must present an API key
     capture_budget_bytes: int = 2 << 30  # largest capture one request may ask for
     queue_size: int = 16
+    max_tokens_per_request: int | None = None  # server-wide cap on max_tokens
+    max_seconds_per_request: float | None = None  # server-wide cap on a generation's wall time
+
+    def limits(self) -> dict:
+        return {"max_tokens_per_request": self.max_tokens_per_request,
+                "max_seconds_per_request": self.max_seconds_per_request,
+                "capture_budget_bytes": self.capture_budget_bytes, "queue_size": self.queue_size}
 
 
 @dataclass
 class ChatJob:
-    """A validated chat request, ready for the worker."""
+    """A planned chat request, ready for the worker."""
 
-    prompt: list[int]
-    params: SamplingParams
-    targets: list[HookTarget] | None  # None: no capture
-    options: CaptureOptions
+    plan: Any  # engine GenerationPlan
     cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class ChatResult:
-    generation: Generation
-    capture: CaptureResult | None
 
 
 class ModelService:
     def __init__(self, config: ServiceConfig):
         self.config = config
-        self.lm: LoadedModel | None = None
-        self.registered_hooks: list[dict] = []
+        self.model: engine.Model | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-worker")
         self._pending = 0
         self._pending_lock = threading.Lock()
@@ -88,16 +90,14 @@ class ModelService:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- models ---------------------------------------------------------------------------
-    def require_model(self) -> LoadedModel:
-        if self.lm is None:
+    def require_model(self) -> engine.Model:
+        if self.model is None:
             raise NoModelLoaded("no model is loaded: POST /v1/models/load with {\"model_path\": ...} first")
-        return self.lm
+        return self.model
 
     def check_model_path(self, model_path: str) -> None:
         """Without an API key, clients may only load models from the configured directories."""
-        if self.config.allow_any_model or not isinstance(model_path, str):
-            return
-        if model_path in ("default", DEFAULT_MODEL_ID):
+        if self.config.allow_any_model or model_path in ("default", DEFAULT_MODEL_ID):
             return
         # Decide on the resolved path before touching it, so clients learn nothing about other paths.
         resolved = Path(model_path).expanduser().resolve()
@@ -113,75 +113,76 @@ class ModelService:
     def allowed_dirs(self) -> list[Path]:
         return [*self.config.allowed_model_dirs, default_model_dir().parent]
 
-    def load(self, model_path: str | None, model_id: str | None = None) -> LoadedModel:
-        """Load a model on the worker thread; it replaces the current one."""
+    def load(self, model_path: str | None, model_id: str | None = None) -> engine.Model:
+        """Load a model on the worker thread; it replaces the current one (and its registered hooks)."""
         if model_path in (None, "default", DEFAULT_MODEL_ID):
             model_path = str(ensure_default_model())
         if Path(model_path).expanduser().resolve() == default_model_dir().resolve():
             model_id = model_id or DEFAULT_MODEL_ID  # the same id however the default model is named
         log.info("loading model %s", model_path)
-        lm = load_model(model_path, model_id, progress=Progress("converting"))
-        self.lm = lm  # the old model served until the new one loaded, so a failed load changes nothing
-        self.registered_hooks = []  # hooks name layers of a specific model
-        return lm
+        try:
+            model = engine.load(model_path, model_id, progress=Progress("converting"))
+        except EngineError as exc:
+            raise from_engine(exc) from exc
+        self.model = model  # the old model served until the new one loaded, so a failed load changes nothing
+        return model
+
+    # --- hooks registered for later requests ---------------------------------------------
+    def set_hooks(self, specs: list[HookSpec]) -> None:
+        """Replace the registered hooks with `specs`, all or none."""
+        model = self.require_model()
+        previous = model.activation_hooks
+        model.clear_activation_hooks()
+        try:
+            for i, spec in enumerate(specs):
+                try:
+                    model.register_activation_hook(**spec.model_dump(exclude_none=True))
+                except EngineError as exc:
+                    raise from_engine(exc, {"": f"hooks[{i}]"}) from exc
+        except Exception:
+            model.clear_activation_hooks()
+            for spec in previous:
+                model.register_activation_hook(**spec.model_dump(exclude_none=True))
+            raise
 
     # --- requests -------------------------------------------------------------------------
-    def prepare_chat(self, body: dict, hooks: list | None, options: CaptureOptions) -> ChatJob:
-        lm = self.require_model()
-        params = SamplingParams(
-            # Not `or`: an explicit 0 must reach validation (422), not become the default.
-            max_tokens=_field(body, "max_tokens", _field(body, "max_completion_tokens", 256)),
-            temperature=_field(body, "temperature", 1.0),
-            top_p=_field(body, "top_p", 1.0),
-            top_k=_field(body, "top_k", 0),
-            seed=_field(body, "seed", None),
-            stop=_field(body, "stop", None) or [],
-        ).validate()
-        if _field(body, "n", 1) != 1:
-            raise InvalidRequest("only n = 1 is supported", "n")
-        prompt = lm.chat_prompt(body.get("messages"))
-        targets = resolve_hooks(lm, hooks) if hooks is not None else None
-        if targets:
-            max_tokens = min(params.max_tokens, max(lm.info.context_length - len(prompt), 0))
-            size = estimate_bytes(lm, targets, len(prompt), max_tokens, options)
-            if size > self.config.capture_budget_bytes:
-                raise CaptureTooLarge(
-                    f"this capture could need {size / 2**20:.1f} MiB, over the per-request budget of "
-                    f"{self.config.capture_budget_bytes / 2**20:.0f} MiB; capture fewer hooks, lower max_tokens, "
-                    "or set activation_positions to 'last' or activation_dtype to 'float16'",
-                    "activation_hooks",
-                )
-        return ChatJob(prompt=prompt, params=params, targets=targets or None, options=options)
+    def prepare_chat(self, body: Any, with_activations: bool) -> ChatJob:
+        """Plan a validated chat body (tokenize, resolve hooks, check sizes). Touches no MLX array."""
+        model = self.require_model()
+        try:
+            sampling = parse(SamplingParams, **sampling_values(body))
+            cap = self.config.max_tokens_per_request
+            if cap is not None and sampling.max_tokens > cap:
+                raise InvalidRequest(f"'max_tokens' is {sampling.max_tokens} but this server allows at most {cap} "
+                                     "tokens per request", "max_tokens")
+            hooks = capture = None
+            if with_activations:
+                hooks = body.activation_hooks or model.activation_hooks
+                if not hooks:
+                    raise InvalidRequest("no activation hooks: send 'activation_hooks' or register them with "
+                                         "POST /v1/activations/hooks", "activation_hooks")
+                capture = parse(CaptureOptions, positions=body.activation_positions, dtype=body.activation_dtype)
+            plan = model.plan(messages=[m.model_dump() for m in body.messages], sampling=sampling, hooks=hooks,
+                              capture=capture or CaptureOptions(), capture_budget_bytes=self.config.capture_budget_bytes)
+        except EngineError as exc:
+            raise from_engine(exc, CHAT_FIELDS) from exc
+        return ChatJob(plan)
 
-    def run_chat(self, job: ChatJob, on_event: Callable[[TokenEvent, Capture | None], None] | None = None) -> ChatResult:
-        """Generate on the worker thread. Stops early when the job is cancelled (client gone)."""
-        lm = self.require_model()
-        capture = Capture(lm, job.targets, job.options) if job.targets else None
-        generation = Generation(prompt_tokens=len(job.prompt), token_ids=list(job.prompt))
-        events = generate(lm, job.prompt, job.params, capture=capture, result=generation)
+    def run_chat(self, job: ChatJob, on_event: Callable[[Any], None] | None = None):
+        """Generate on the worker thread; the engine's Completion, or None when the job was cancelled
+        (client gone) or ran past the server's time limit before finishing."""
+        model = self.require_model()
+        limit = self.config.max_seconds_per_request
+        deadline = None if limit is None else time.monotonic() + limit
+        events = model.run(job.plan, deadline=deadline)
         try:
             for event in events:
                 if on_event is not None:
-                    on_event(event, capture)
+                    on_event(event)
+                if event.result is not None:
+                    return event.result
                 if job.cancelled.is_set():
-                    generation.finish_reason = "cancelled"
-                    return ChatResult(generation, None)
+                    return None
         finally:
             events.close()  # uninstalls the capture even when we stop early
-        result = None
-        if capture is not None:
-            tokenizer = lm.tokenizer
-            result = CaptureResult(
-                capture_id="cap_" + secrets.token_hex(8),
-                model_id=lm.info.model_id,
-                token_ids=generation.token_ids,
-                tokens=[tokenizer.decode([t]) for t in generation.token_ids],
-                prompt_tokens=generation.prompt_tokens,
-                hooks=capture.records,
-            )
-        return ChatResult(generation, result)
-
-
-def _field(body: dict, name: str, default):
-    value = body.get(name, default)
-    return default if value is None else value
+        return None

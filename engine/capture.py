@@ -21,8 +21,9 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from engine.hooks import CaptureOptions, HookTarget, module_path
+from engine.hooks import HookTarget, module_path
 from engine.model import LoadedModel
+from engine.params import CaptureOptions
 from engine.records import HookRecord, StepTensor
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

@@ -1,88 +1,122 @@
-"""Token-by-token generation with a KV cache, optionally capturing activations at every step.
+"""Token-by-token generation of a plan (engine/plan.py), optionally capturing activations.
 
-The loop is ours rather than `mlx_lm.generate_step` so that each forward step is evaluated
-before the next is built: captures are then tagged with the step that computed them. The
-prompt runs as one forward step (step 0), each generated token as one more.
+Three layers, each adding one concern and passing plain values up (as mlx-lm's
+`generate_step` / `stream_generate` do):
+
+- `Forward` runs the model one step at a time with a KV cache and samples: the prompt is
+  step 0, each generated token one more step. Each step is evaluated (with its captures)
+  before the next is built, so captures are tagged with the step that computed them.
+- `VisibleText` is the completion's text: detokenized incrementally (linear in its length),
+  cut before the earliest stop string, held back while its end may begin one.
+- `generate(plan)` is the loop: finish reasons, the extra step that gives the last token its
+  own activations, one `TokenEvent` per token, and the `Completion` on the last one.
 """
 
 from __future__ import annotations
 
+import functools
+import secrets
+import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 import engine  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from engine.capture import Capture
-from engine.errors import ContextLengthExceeded, InvalidRequest
 from engine.model import LoadedModel
+from engine.params import SamplingParams
+from engine.records import CaptureResult
 
-DEFAULT_MAX_TOKENS = 256
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-    def validate(self) -> "SamplingParams":
-        def check(ok: bool, name: str, rule: str):
-            if not ok:
-                raise InvalidRequest(f"'{name}' {rule} (got {getattr(self, name)!r})", name)
-
-        check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
-        check(_is_num(self.temperature) and 0 <= self.temperature <= 100, "temperature", "must be a number in [0, 100]")
-        check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number in (0, 1]")
-        check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0")
-        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
-              "must be an integer in [0, 2**64)")  # mx.random.seed takes uint64 only
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        check(
-            isinstance(self.stop, list) and len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
-            "stop", "must be a non-empty string or a list of at most 16 non-empty strings",
-        )
-        return self
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+if TYPE_CHECKING:
+    from engine.plan import GenerationPlan
 
 
 @dataclass
-class TokenEvent:
-    """One generated token. `text` is the new visible text (held back while it may start a stop string)."""
+class Completion:
+    """A finished generation. `token_ids` and `tokens` cover every position: the prompt, then
+    the generated tokens (an end-of-sequence token included; it is not part of `text`)."""
 
-    index: int  # 0-based index among generated tokens
-    token: int
     text: str
-    step: int  # the forward step whose logits produced this token (0 = prompt)
-    finish_reason: str | None = None  # "stop" | "length" on the last event
-
-
-@dataclass
-class Generation:
-    """Counts after (or during) generation; `token_ids` holds the prompt then generated tokens."""
-
-    prompt_tokens: int
     token_ids: list[int]
-    text: str = ""
-    finish_reason: str | None = None
+    tokens: list[str]  # decoded text of each position, for labelling axes
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) | "length" (max_tokens)
+    model_id: str
+    capture: CaptureResult | None = None
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids) - self.prompt_tokens
+
+    @functools.cached_property
+    def activations(self) -> dict[str, np.ndarray]:
+        """hook_id -> [positions, *per_token] (`CaptureResult.arrays`: every captured step joined
+        token-major, attention keys padded; `<id>:input` for the input of a hook captured both
+        ways). Empty without a capture."""
+        return self.capture.arrays() if self.capture is not None else {}
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as it is produced.
+
+    `text` is the new visible text (possibly empty: held back while it may begin a stop
+    string or while a character is incomplete). `step` is the forward step whose logits
+    produced the token (0 = the prompt). `capture` is the live capture (None without hooks):
+    its records hold every step up to `step`, and on the last event also the final token's
+    own step (`step + 1`). The last event has `finish_reason` and `result`."""
+
+    index: int  # 0-based among generated tokens
+    token: int
+    text: str
+    step: int
+    prompt_tokens: int
+    finish_reason: str | None = None
+    capture: Capture | None = None
+    result: Completion | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.index + 1
+
+
+class Forward:
+    """The model, one forward step at a time, with a KV cache and the plan's sampler."""
+
+    def __init__(self, lm: LoadedModel, sampling: SamplingParams, capture: Capture | None = None):
+        self._model = lm.model
+        self._cache = make_prompt_cache(lm.model)
+        # top_k = the whole vocabulary keeps every token: off (mlx-lm's sampler takes fewer only).
+        top_k = 0 if sampling.top_k >= lm.info.vocab_size else sampling.top_k
+        self._sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
+        self._capture = capture
+        self.step = 0  # index of the next step
+        self.position = 0  # position of the next step's first token
+        if sampling.seed is not None:
+            mx.random.seed(sampling.seed)
+
+    def __call__(self, tokens: list[int], sample: bool = True) -> int | None:
+        """Run `tokens` through the model; return the sampled next token (None: `sample=False`,
+        a step run only for its captures, whose logits are never computed)."""
+        capture = self._capture
+        if capture is not None:
+            capture.begin_step(self.step, self.position)
+        out = self._model(mx.array(tokens)[None], cache=self._cache)  # lazy: evaluated below, as needed
+        pending = capture.end_step() if capture is not None else []
+        token = None
+        if sample:
+            logits = out[:, -1, :]
+            token = self._sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            pending.append(token)
+        mx.eval(*pending)
+        self.step += 1
+        self.position += len(tokens)
+        return int(token.item()) if token is not None else None
 
 
 def _stop_holdback(text: str, stops: list[str]) -> int:
@@ -96,72 +130,93 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
     return hold
 
 
-def generate(
-    lm: LoadedModel,
-    prompt: list[int],
-    params: SamplingParams,
-    capture: Capture | None = None,
-    result: Generation | None = None,
-) -> Iterator[TokenEvent]:
-    """Yield generated tokens one by one. With a capture, every forward step is recorded,
-    including one last step over the final token so that every position has activations."""
-    params.validate()
-    if not prompt:
-        raise InvalidRequest("the prompt is empty", "messages")
-    limit = lm.info.context_length
-    if len(prompt) >= limit:
-        raise ContextLengthExceeded(
-            f"the prompt has {len(prompt)} tokens but the model's context is {limit}; shorten the messages", "messages"
-        )
-    max_tokens = min(params.max_tokens, limit - len(prompt))
-    result = result if result is not None else Generation(prompt_tokens=len(prompt), token_ids=list(prompt))
-    tokenizer = lm.tokenizer
-    eos = set(tokenizer.eos_token_ids)
-    sampler = make_sampler(temp=params.temperature, top_p=params.top_p, top_k=params.top_k)
-    if params.seed is not None:
-        mx.random.seed(params.seed)
-    cache = make_prompt_cache(lm.model)
+class VisibleText:
+    """The completion's text as it may be shown: tokens in, newly visible text out."""
 
-    def forward(tokens: list[int], step: int, start: int) -> mx.array:
-        if capture is not None:
-            capture.begin_step(step, start)
-        logits = lm.model(mx.array(tokens)[None], cache=cache)[:, -1, :]
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
-        mx.eval(token, *(capture.end_step() if capture is not None else ()))
-        return token
+    def __init__(self, detokenizer, stops: list[str]):
+        self._detok = detokenizer  # a reset mlx-lm StreamingDetokenizer (engine.detokenize)
+        self._stops = stops
+        self.sent = 0  # characters of the detokenized text released so far
+        self.stopped = False  # a stop string was found; nothing more is released
 
+    @property
+    def text(self) -> str:
+        return self._detok.text[: self.sent]
+
+    def add(self, token: int) -> str:
+        self._detok.add_token(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """Flush the detokenizer (an unfinished character becomes U+FFFD, as decode gives) and
+        release what was held back."""
+        self._detok.finalize()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text, sent = self._detok.text, self.sent
+        if self.stopped:
+            return ""
+        # A stop string cannot lie wholly inside released text (it would have been found, or
+        # held back), so the search starts just before the released end: linear overall.
+        hits = [at for s in self._stops if (at := text.find(s, max(0, sent - len(s)))) >= 0]
+        if hits:  # the earliest stop string wins, whatever its place in the list
+            end, self.stopped = min(hits), True
+        else:
+            end = len(text) if final else len(text) - _stop_holdback(text, self._stops)
+        self.sent = max(end, sent)
+        return text[sent: self.sent]
+
+
+def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
+    """The decoded text of each token on its own (one decode per distinct token)."""
+    texts = {t: tokenizer.decode([t]) for t in set(token_ids)}
+    return [texts[t] for t in token_ids]
+
+
+def generate(plan: GenerationPlan, deadline: float | None = None) -> Iterator[TokenEvent]:
+    """Yield the plan's generated tokens one by one; the last event carries the Completion.
+    Past `deadline` (time.monotonic()) generation ends as if max_tokens were reached ("length").
+
+    With hooks, the capture is installed on the model while the generator runs and removed
+    when it ends, fails or is closed (closing it early is how a caller cancels). Every forward
+    step is recorded, including one last step over the final token so that every position has
+    activations."""
+    lm, sampling = plan.lm, plan.sampling
+    prompt = list(plan.prompt)
+    capture = Capture(lm, list(plan.targets), plan.capture) if plan.targets else None
+    eos = set(lm.tokenizer.eos_token_ids)
+    text = VisibleText(lm.detokenizer(), sampling.stops)
     generated: list[int] = []
-    sent = 0  # characters of the decoded completion already yielded
     with capture.installed(lm) if capture is not None else nullcontext():
-        step = 0
-        token = forward(prompt, step, 0)
+        forward = Forward(lm, sampling, capture)
+        token = forward(prompt)
         while True:
-            tok = int(token.item())
-            generated.append(tok)
-            result.token_ids.append(tok)
-            position = len(result.token_ids) - 1
-            text = tokenizer.decode([t for t in generated if t not in eos])
-            finish = "stop" if tok in eos else None
-            visible = text
-            hits = [at for s in params.stop if (at := text.find(s, max(0, sent - len(s)))) >= 0]
-            if hits:  # the earliest stop string wins, whatever its place in the list
-                visible, finish = text[:min(hits)], "stop"
-            if finish is None and len(generated) >= max_tokens:
-                finish = "length"
-            if finish is None:
-                # Hold back a possible stop-string prefix and an incomplete UTF-8 character.
-                end = len(text) - _stop_holdback(text, params.stop)
-                while end > sent and text[end - 1] == "\ufffd":
-                    end -= 1
-                visible = text[:end]
-            delta, sent = visible[sent:], max(sent, len(visible))
+            index = len(generated)
+            generated.append(token)
+            if token in eos:  # not part of the text
+                delta, finish = text.finish(), "stop"
+            else:
+                delta = text.add(token)
+                finish = "stop" if text.stopped else None
+                out_of_time = deadline is not None and time.monotonic() >= deadline
+                if finish is None and (len(generated) >= sampling.max_tokens or out_of_time):
+                    delta += text.finish()
+                    finish = "stop" if text.stopped else "length"
             if finish is not None:
-                result.text, result.finish_reason = visible, finish
-                if capture is not None:  # the final token's own activations
-                    forward([tok], step + 1, position)
-                yield TokenEvent(len(generated) - 1, tok, delta, step, finish)
-                return
-            yield TokenEvent(len(generated) - 1, tok, delta, step)
-            step += 1
-            token = forward([tok], step, position)
+                break
+            yield TokenEvent(index, token, delta, index, len(prompt), capture=capture)
+            token = forward([token])
+        if capture is not None:
+            forward([token], sample=False)  # the final token's own activations
+    # Uninstalled before the last event: a caller that stops reading here leaves nothing behind.
+    token_ids = prompt + generated
+    tokens = token_texts(lm.tokenizer, token_ids)
+    result = Completion(
+        text=text.text, token_ids=token_ids, tokens=tokens, prompt_tokens=len(prompt), finish_reason=finish,
+        model_id=lm.info.model_id,
+        capture=None if capture is None else CaptureResult(
+            capture_id="cap_" + secrets.token_hex(8), model_id=lm.info.model_id, token_ids=token_ids, tokens=tokens,
+            prompt_tokens=len(prompt), hooks=capture.records),
+    )
+    yield TokenEvent(index, token, delta, index, len(prompt), finish, capture, result)

@@ -37,6 +37,7 @@ _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 _INDIVIDUAL_DIGITS = {"smollm", "llama-bpe", "qwen2", "deepseek-llm"}
 
 Progress = Callable[[int, int, str], None]
+_ARG = "model_path"  # a GGUF file reaches us as engine.load's model_path
 
 
 def _meta(meta: dict, key: str, default=None):
@@ -65,14 +66,14 @@ def _dequantize(tensors: dict, base: str):
         bits = weight.shape[-1] * 32 // n_values
         if bits in (2, 3, 4, 5, 6, 8) and weight.shape[-1] * 32 == n_values * bits:
             return mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
-    raise ModelLoadError(f"cannot dequantize GGUF tensor {base}: unsupported quantization layout")
+    raise ModelLoadError(f"cannot dequantize GGUF tensor {base}: unsupported quantization layout", _ARG)
 
 
 def _tokenizer_json(meta: dict) -> dict:
     if _meta(meta, "tokenizer.ggml.model") != "gpt2":
         raise UnsupportedArchitecture(
             f"GGUF tokenizer model {_meta(meta, 'tokenizer.ggml.model')!r} is not supported "
-            "(only byte-level BPE, tokenizer.ggml.model = 'gpt2')"
+            "(only byte-level BPE, tokenizer.ggml.model = 'gpt2')", _ARG
         )
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()] if "tokenizer.ggml.token_type" in meta else []
@@ -117,7 +118,7 @@ def _probe(gguf_path: Path) -> None:
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
         why = lines[-1] if result.returncode > 0 and lines else f"the GGUF reader crashed (exit {result.returncode})"
-        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {why}")
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {why}", _ARG)
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: Progress | None = None) -> Path:
@@ -129,10 +130,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
     try:
         tensors, meta = mx.load(str(gguf_path), return_metadata=True)
     except Exception as exc:  # mlx raises ValueError/RuntimeError with a terse message
-        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {exc}", _ARG) from exc
     arch = _meta(meta, "general.architecture")
     if arch != "llama":
-        raise UnsupportedArchitecture(f"GGUF architecture {arch!r} is not supported (llama family only)")
+        raise UnsupportedArchitecture(f"GGUF architecture {arch!r} is not supported (llama family only)", _ARG)
 
     n_layers = int(_meta(meta, "llama.block_count"))
     n_heads = int(_meta(meta, "llama.attention.head_count"))
@@ -165,7 +166,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
         if base.startswith("blk."):
             _, layer, kind = base.split(".", 2)
             if kind not in _LAYER_TENSORS:
-                raise UnsupportedArchitecture(f"unexpected GGUF tensor {base}")
+                raise UnsupportedArchitecture(f"unexpected GGUF tensor {base}", _ARG)
             name = f"model.layers.{layer}.{_LAYER_TENSORS[kind]}"
         elif base in _GLOBAL_TENSORS:
             name = _GLOBAL_TENSORS[base]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -14,7 +16,7 @@ from typing import Any
 import engine  # noqa: F401  (loads OpenBLAS before mlx.core)
 from engine import paths
 from engine.architectures import ARCHITECTURES, Architecture
-from engine.errors import InvalidRequest, ModelLoadError, ModelNotFound, UnsupportedArchitecture
+from engine.errors import InvalidArgument, ModelLoadError, ModelNotFound, UnsupportedArchitecture
 from engine.progress import Progress
 
 log = logging.getLogger("nsbridge.engine")
@@ -45,6 +47,11 @@ class ModelInfo:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def dims(self) -> dict[str, int]:
+        """The sizes `vocabulary.per_token_shape` reads."""
+        return {"d_model": self.d_model, "d_head": self.d_head, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads}
+
 
 @dataclass
 class LoadedModel:
@@ -54,33 +61,32 @@ class LoadedModel:
     arch: Architecture
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of `messages` rendered with the chat template, ending with the assistant's turn."""
-        validate_messages(messages)
+        """Token ids of `messages` (valid ones: {role, content: str}, see engine.plan) rendered with
+        the chat template, ending with the assistant's turn."""
         tok = self.tokenizer
         template = getattr(tok, "chat_template", None)
         kwargs = {} if template else {"chat_template": FALLBACK_CHAT_TEMPLATE}
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
         return tok.encode(text, add_special_tokens=False)
 
+    def text_prompt(self, text: str) -> list[int]:
+        """Token ids of raw text, with the tokenizer's BOS handling as mlx-lm's generate does: its
+        special tokens are added unless the text already starts with the BOS token."""
+        tok = self.tokenizer
+        add_special = tok.bos_token is None or not text.startswith(tok.bos_token)
+        return tok.encode(text, add_special_tokens=add_special)
 
-def validate_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
-            raise InvalidRequest(
-                f"messages[{i}] must be an object with 'role' one of system, user, assistant", f"messages[{i}].role"
-            )
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise InvalidRequest(
-                    f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}} objects "
-                    "(this server reads text only)", f"messages[{i}].content")
-            m["content"] = content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}].content must be a string", f"messages[{i}].content")
+    def detokenizer(self):
+        """A fresh streaming detokenizer (engine.detokenize) for one completion."""
+        detok = copy.copy(self._detokenizer)
+        detok.reset()
+        return detok
+
+    @functools.cached_property
+    def _detokenizer(self):
+        from engine.detokenize import streaming_detokenizer
+
+        return streaming_detokenizer(self.tokenizer)
 
 
 def _gguf_folder(path: Path, progress: Progress | None) -> Path:
@@ -98,15 +104,16 @@ def _gguf_folder(path: Path, progress: Progress | None) -> Path:
 def resolve_model_path(model_path: str, progress: Progress | None = None) -> tuple[str, bool]:
     """Turn what a client sent into something mlx_lm.load accepts; returns (path_or_repo, is_local)."""
     if not isinstance(model_path, str) or not model_path.strip():
-        raise InvalidRequest("'model_path' must be a non-empty string", "model_path")
+        raise InvalidArgument("model_path must be a non-empty string", "model_path")
     p = Path(model_path).expanduser()
     if p.is_file():
         if p.suffix.lower() == ".gguf":
             return str(_gguf_folder(p, progress)), True
-        raise ModelLoadError(f"{model_path} is a file but not a GGUF model; give a model folder or a .gguf file")
+        raise ModelLoadError(f"{model_path} is a file but not a GGUF model; give a model folder or a .gguf file",
+                             "model_path")
     if p.is_dir():
         if not (p / "config.json").exists():
-            raise ModelLoadError(f"{model_path} is not a model folder: it has no config.json")
+            raise ModelLoadError(f"{model_path} is not a model folder: it has no config.json", "model_path")
         return str(p), True
     if _REPO_ID.match(model_path) and not model_path.startswith((".", "/", "~")):
         return model_path, False
@@ -160,7 +167,9 @@ def load_model(model_path: str, model_id: str | None = None, progress: Progress 
         "loaded %s (%s, %d layers, d_model %d, %d heads / %d kv heads, %s) in %.1fs",
         info.model_id, model_type, info.n_layers, d_model, n_heads, n_kv_heads, info.dtype, time.perf_counter() - t0,
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, arch=arch)
+    lm = LoadedModel(model=model, tokenizer=tokenizer, info=info, arch=arch)
+    lm.detokenizer()  # built once now (it reads the whole vocabulary), not on the first request
+    return lm
 
 
 def _config_fixes(folder: str) -> dict:

@@ -12,20 +12,9 @@ from typing import Any
 
 import numpy as np
 
-# Axis that holds the query tokens of a step, per component. Everything else is fixed across
-# steps except the key axis of attention scores/patterns (axis 2), which grows with the cache.
-TOKEN_AXIS = {
-    "embedding": 0,
-    "residual": 0,
-    "attention": 0,
-    "mlp": 0,
-    "layernorm": 0,
-    "query": 1,
-    "key": 1,
-    "value": 1,
-    "attention_scores": 1,
-    "attention_pattern": 1,
-}
+from shm.format import bfloat16_to_float32, column_names, stack_token_major
+from shm.format import to_numpy  # noqa: F401  (re-exported: control and the benchmarks read it here)
+from vocabulary import COMPONENTS
 
 
 @dataclass
@@ -34,7 +23,7 @@ class StepTensor:
 
     step: int  # 0 = prompt (prefill), then 1, 2, ... for each generated token
     start: int  # position of the step's first token in the whole sequence
-    array: Any  # mx.array (or np.ndarray); the token axis is TOKEN_AXIS[component]
+    array: Any  # mx.array (or np.ndarray); tokens on vocabulary.COMPONENTS[component].token_axis
 
     @property
     def n_tokens(self) -> int:
@@ -54,7 +43,14 @@ class HookRecord:
 
     @property
     def token_axis(self) -> int:
-        return TOKEN_AXIS[self.component]
+        return COMPONENTS[self.component].token_axis
+
+    def token_major(self) -> np.ndarray:
+        """All steps joined token-major: [positions, *per_token], attention keys padded (the
+        layout of this hook's shared-memory column). bfloat16 comes back as float32 (exact:
+        numpy has no bfloat16)."""
+        joined = stack_token_major(self.component, [s.array for s in self.steps])
+        return bfloat16_to_float32(joined) if self.dtype == "bfloat16" else joined
 
 
 @dataclass
@@ -66,14 +62,10 @@ class CaptureResult:
     prompt_tokens: int
     hooks: list[HookRecord]
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """hook -> its steps joined token-major (`HookRecord.token_major`), keyed by column name as
+        in shared memory (`shm.format.column_names`): the hook_id, and `<id>:input` for the input
+        of a hook captured both ways. A hook with no steps (positions left it out) is absent."""
+        names = column_names([(h.hook_id, h.is_input) for h in self.hooks])
+        return {name: h.token_major() for name, h in zip(names, self.hooks) if h.steps}
 
-def to_numpy(array: Any) -> np.ndarray:
-    """A zero-copy numpy view of an evaluated MLX array (bfloat16 comes back as its uint16 bits)."""
-    if isinstance(array, np.ndarray):
-        return array
-    import mlx.core as mx
-
-    if array.dtype == mx.bfloat16:
-        raw = np.frombuffer(memoryview(array).cast("B"), dtype=np.uint16)
-        return raw.reshape(array.shape)
-    return np.asarray(array)

@@ -3,43 +3,34 @@
 One capture is one Arrow IPC stream holding one record batch. A row is one processed token
 (prompt tokens of the prefill, then one per decode step); columns `step`, `position` and
 `token_id` say which, and every hook is one `arrow.fixed_shape_tensor` column whose cell is
-that token's tensor. So a hook over all steps is a single contiguous [rows, *shape] array.
+that token's tensor. So a hook over all steps is a single contiguous [rows, *shape] array
+(`stack_token_major` builds it from a hook's per-step arrays).
 
-This module is shared by the writer and the reader and imports neither MLX nor the engine.
+What each component is comes from vocabulary.py. This module is shared by the writer, the
+reader, the bridge and the engine, and imports neither MLX nor the engine.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from vocabulary import COMPONENTS
 
 FORMAT_VERSION = "nsbridge.activations/1"
 
 STEP, POSITION, TOKEN_ID = "step", "position", "token_id"
 RESERVED_COLUMNS = (STEP, POSITION, TOKEN_ID)
 
-VECTOR_COMPONENTS = ("embedding", "residual", "attention", "mlp", "layernorm")
-HEAD_COMPONENTS = ("query", "key", "value")
-ATTENTION_COMPONENTS = ("attention_scores", "attention_pattern")
-
-# Per-token dimension names (the row axis is the token). Q/K/V are stored token-major
-# ([T, H, d_head], TransformerLens' hook_q layout); scores/patterns as [T_q, H, T_k].
-DIM_NAMES = {
-    **{c: ["d_model"] for c in VECTOR_COMPONENTS},
-    **{c: ["head", "d_head"] for c in HEAD_COMPONENTS},
-    **{c: ["head", "key"] for c in ATTENTION_COMPONENTS},
-}
-
-# The key axis of scores/patterns grows with each decode step; rows are padded to the final
-# length. Both pads are exact: the causal mask puts -inf on future keys (scores) and softmax
-# gives them probability 0 (pattern).
-KEY_PAD = {"attention_scores": -math.inf, "attention_pattern": 0.0}
+# What each component is (per-token dim names, token axis, key pad) lives in vocabulary.py.
+# Q/K/V are stored token-major ([T, H, d_head], TransformerLens' hook_q layout); scores and
+# patterns as [T_q, H, T_k], their key axis padded to the capture's last position + 1.
+KEY_PAD = {name: c.key_pad for name, c in COMPONENTS.items() if c.key_pad is not None}
 
 # Storage type per logical dtype. Arrow has no bfloat16: its bits travel as uint16.
 STORAGE = {
@@ -47,6 +38,7 @@ STORAGE = {
     "float16": (np.dtype(np.float16), pa.float16()),
     "bfloat16": (np.dtype(np.uint16), pa.uint16()),
 }
+LOGICAL_DTYPE = {np_type: name for name, (np_type, _) in STORAGE.items()}  # uint16 is always bfloat16 bits
 
 _P = "nsbridge."  # prefix of every metadata key this format defines
 
@@ -58,6 +50,66 @@ def pad_bits(component: str, dtype: str) -> Any:
         f32 = np.array([value], dtype=np.float32).view(np.uint32)[0]
         return np.uint16(f32 >> 16)  # exact for -inf and 0.0
     return STORAGE[dtype][0].type(value)
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """A zero-copy numpy view of an evaluated MLX array (or the numpy array itself); bfloat16
+    comes back as its uint16 bits. MLX arrays export their buffer, so this module never
+    imports mlx; only a strided bfloat16 view asks MLX (already loaded, as it made the array)."""
+    if isinstance(array, np.ndarray):
+        return array
+    view = memoryview(array)
+    if view.format != "bfloat16":
+        return np.asarray(array)
+    if not view.nbytes:
+        return np.empty(view.shape, np.uint16)
+    if view.c_contiguous:  # numpy knows no bfloat16: read the same bytes as uint16
+        return np.frombuffer(view.cast("B"), np.uint16).reshape(view.shape)
+    import mlx.core as mx  # a transposed or sliced view: MLX reinterprets it in place
+
+    return np.asarray(array.view(mx.uint16))
+
+
+def stack_token_major(component: str, arrays: Sequence[Any], key_pad_to: int | None = None, *,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """One hook's per-step arrays (engine layout: tokens on the component's `token_axis`) as
+    one token-major [rows, *per_token] array, the layout of the capture's column: [H, T, x]
+    steps become [T, H, x] rows, and a key-padded component's key axis is padded with its
+    `key_pad` up to `key_pad_to` (default: the longest step's). Arrays may be numpy or MLX;
+    uint16 arrays are bfloat16 bits (padded with the pad's bits). Writes into `out` when
+    given (its last axis is then the padded key length); otherwise the result may be a view
+    of the only input when that needs no copy."""
+    comp = COMPONENTS[component]
+    srcs = [to_numpy(a) for a in arrays]
+    if not srcs:
+        raise ValueError(f"no arrays to stack for component {component!r}")
+    if comp.token_axis:
+        srcs = [np.moveaxis(a, comp.token_axis, 0) for a in srcs]  # strided views; the copy transposes
+    if comp.key_pad is None:
+        if out is None:
+            return np.concatenate(srcs, axis=0) if len(srcs) > 1 else np.ascontiguousarray(srcs[0])
+        if len(srcs) == 1:
+            np.copyto(out, srcs[0])
+        else:  # one C loop over all steps (decode steps are one row each)
+            np.concatenate(srcs, axis=0, out=out)
+        return out
+    if out is None:
+        n_keys = max(a.shape[-1] for a in srcs)
+        if key_pad_to is not None:
+            if key_pad_to < n_keys:
+                raise ValueError(f"key_pad_to={key_pad_to} is shorter than a step's {n_keys} keys")
+            n_keys = key_pad_to
+        out = np.empty((sum(a.shape[0] for a in srcs), *srcs[0].shape[1:-1], n_keys), srcs[0].dtype)
+    logical = LOGICAL_DTYPE.get(out.dtype)
+    pad = pad_bits(component, logical) if logical else out.dtype.type(comp.key_pad)
+    row = 0
+    for src in srcs:  # the key axis differs per step: copy, then pad the rest
+        n, k = src.shape[0], src.shape[-1]
+        np.copyto(out[row : row + n, ..., :k], src)
+        if k < out.shape[-1]:
+            out[row : row + n, ..., k:] = pad
+        row += n
+    return out
 
 
 def column_names(hooks: list[tuple[str, bool]]) -> list[str]:
@@ -114,7 +166,7 @@ def _hook_field(
         raise ValueError(f"column name {name!r} is reserved")
     if dtype not in STORAGE:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(STORAGE)}")
-    names = DIM_NAMES.get(component)
+    names = list(COMPONENTS[component].dim_names) if component in COMPONENTS else None
     if names is None or len(names) != len(shape):
         names = [f"dim{i}" for i in range(len(shape))]
     tensor_type = pa.fixed_shape_tensor(STORAGE[dtype][1], list(shape), dim_names=names)

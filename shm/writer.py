@@ -1,12 +1,23 @@
-"""CaptureResult -> one Arrow IPC stream, written straight into a shared-memory segment.
+"""A capture -> one Arrow IPC stream, written straight into a shared-memory segment.
+
+A capture crosses into the data plane as plain values; the writer reads them by attribute
+and never imports the engine (engine.records' dataclasses are one such shape):
+
+    capture: capture_id (str), model_id (str), token_ids (list[int]), tokens (list[str]),
+             prompt_tokens (int), hooks (list of hooks, one column each, in order)
+    hook:    hook_id, layer_name, module_path (str), layer_index (int | None),
+             component (a name in vocabulary.COMPONENTS), is_input (bool),
+             dtype ("float32" | "float16" | "bfloat16"), steps (list, in step order)
+    step:    step (int, 0 = the prompt), start (position of its first token),
+             array (numpy or MLX, tokens on vocabulary.COMPONENTS[component].token_axis)
 
 Each captured array is copied exactly once, from MLX memory to its final place in the
 stream. pyarrow serialises the stream's framing (schema, batch header, the small row
 columns) while each hook's values buffer is a *placeholder*: a sink that records pyarrow's
 writes notes where that buffer lands, which also gives the exact stream size before any
 segment is taken. The framing bytes are then replayed into the segment and every step's
-array is copied into its rows (transposed token-major, attention keys padded, in the same
-single pass).
+array is copied into its rows (`shm.format.stack_token_major`: transposed token-major,
+attention keys padded, in the same single pass).
 """
 
 from __future__ import annotations
@@ -19,27 +30,24 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from engine.records import CaptureResult, HookRecord, to_numpy
 from shm.format import (
-    ATTENTION_COMPONENTS,
-    HEAD_COMPONENTS,
-    KEY_PAD,
+    LOGICAL_DTYPE,
     STORAGE,
     ROW_FIELDS,
     capture_metadata,
     column_names,
     hook_field,
-    pad_bits,
+    stack_token_major,
+    to_numpy,
 )
 from shm.handle import ShmHandle
 from shm.lifecycle import ShmRegistry
-
-_EXPECTED_NDIM = {c: 3 for c in (*HEAD_COMPONENTS, *ATTENTION_COMPONENTS)}
+from vocabulary import COMPONENTS
 
 
 @dataclass
 class _Hook:
-    record: HookRecord
+    record: Any  # a hook as the module docstring describes it
     arrays: list[np.ndarray]  # per step, views of MLX memory in the record's own layout
     dtype: str  # logical
     shape: tuple[int, ...]  # per token, token-major
@@ -58,19 +66,14 @@ class Plan:
     chunks: list[tuple[int, bytearray | int]]  # (offset, framing bytes) or (offset, hook index)
 
 
-_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
-
-
-def _logical_dtype(record: HookRecord, arr: np.ndarray) -> str:
-    if arr.dtype == np.uint16 and record.dtype == "bfloat16":
-        return "bfloat16"  # to_numpy gives bfloat16 as its bits
-    name = _NAMES.get(arr.dtype)
-    if name is None:
-        raise ValueError(f"hook {record.hook_id!r}: unsupported array dtype {arr.dtype}")
+def _logical_dtype(record: Any, arr: np.ndarray) -> str:
+    name = LOGICAL_DTYPE.get(arr.dtype)  # to_numpy gives bfloat16 as its uint16 bits
+    if name is None or (name == "bfloat16" and record.dtype != "bfloat16"):
+        raise ValueError(f"hook {record.hook_id!r}: unsupported array dtype {arr.dtype} for {record.dtype}")
     return name
 
 
-def _eval_mlx(capture: CaptureResult) -> None:
+def _eval_mlx(capture: Any) -> None:
     """Evaluate all pending MLX arrays in one call rather than one graph at a time."""
     pending = [s.array for h in capture.hooks for s in h.steps if type(s.array).__module__.startswith("mlx")]
     if pending:
@@ -95,13 +98,17 @@ def _rows(hooks: list[_Hook]) -> tuple[np.ndarray, np.ndarray]:
     return steps, pos
 
 
-def _hook_plan(record: HookRecord) -> _Hook:
+def _hook_plan(record: Any) -> _Hook:
     """Numpy views of every step (no copy) and the per-token shape, validated."""
     arrays = [to_numpy(s.array) for s in record.steps]
     if not arrays:
         raise ValueError(f"hook {record.hook_id!r} captured no steps")
-    ndim = _EXPECTED_NDIM.get(record.component, 2)
-    axis = record.token_axis
+    comp = COMPONENTS.get(record.component)
+    if comp is None:
+        raise ValueError(f"hook {record.hook_id!r}: unknown component {record.component!r}; "
+                         f"valid: {', '.join(COMPONENTS)}")
+    ndim = 1 + len(comp.sizes)
+    axis = comp.token_axis
     dtype = _logical_dtype(record, arrays[0])
     shapes = {(a.shape, a.dtype) for a in arrays}  # decode steps share one shape: cheap check
     if any(len(sh) != ndim for sh, _ in shapes):
@@ -109,7 +116,7 @@ def _hook_plan(record: HookRecord) -> _Hook:
     if len({dt for _, dt in shapes}) != 1:
         raise ValueError(f"hook {record.hook_id!r}: dtype changes between steps")
     rests = {sh[:axis] + sh[axis + 1 :] for sh, _ in shapes}
-    if record.component in KEY_PAD:  # the key axis grows per step: pad to the longest
+    if comp.key_pad is not None:  # the key axis grows per step: pad to the longest
         if len({r[:-1] for r in rests}) != 1:
             raise ValueError(f"hook {record.hook_id!r}: head count changes between steps")
         rest = next(iter(rests))[:-1] + (max(r[-1] for r in rests),)
@@ -123,7 +130,7 @@ def _hook_plan(record: HookRecord) -> _Hook:
     return _Hook(record, arrays, dtype, rest, nbytes, layout)
 
 
-def stored_shape(record: HookRecord) -> tuple[int, ...]:
+def stored_shape(record: Any) -> tuple[int, ...]:
     """The hook's array as the stream stores it: (rows, *per-token shape), token-major, keys padded."""
     hook = _hook_plan(record)
     return (sum(n for _, _, n in hook.layout), *hook.shape)
@@ -175,7 +182,7 @@ def _base_schema(keys: tuple[tuple[Any, ...], ...]) -> pa.Schema:
     return pa.schema(ROW_FIELDS + [hook_field(**dict(zip(_KEY, k))) for k in keys])
 
 
-def plan_capture(capture: CaptureResult) -> Plan:
+def plan_capture(capture: Any) -> Plan:
     """Lay out the stream: exact size, framing bytes and where each hook's values go."""
     _eval_mlx(capture)
     hooks = [_hook_plan(h) for h in capture.hooks]
@@ -228,23 +235,7 @@ def plan_capture(capture: CaptureResult) -> Plan:
 def _fill_hook(dst: np.ndarray, hook: _Hook, n_rows: int) -> None:
     """Copy every step of one hook into its [rows, *shape] values buffer (`dst`, uint8)."""
     out = dst.view(STORAGE[hook.dtype][0]).reshape((n_rows, *hook.shape))
-    axis = hook.record.token_axis
-    pad = pad_bits(hook.record.component, hook.dtype) if hook.record.component in KEY_PAD else None
-    # [H, T, x] -> [T, H, x] as strided views; the copy below does the transpose.
-    srcs = [np.moveaxis(a, axis, 0) for a in hook.arrays] if axis else hook.arrays
-    if pad is None:
-        if len(srcs) == 1:
-            np.copyto(out, srcs[0])
-        else:  # one C loop over all steps (decode steps are one row each)
-            np.concatenate(srcs, axis=0, out=out)
-        return
-    row = 0
-    for src in srcs:  # the key axis differs per step: copy, then pad the rest
-        n, k = src.shape[0], src.shape[-1]
-        np.copyto(out[row : row + n, ..., :k], src)
-        if k < hook.shape[-1]:
-            out[row : row + n, ..., k:] = pad
-        row += n
+    stack_token_major(hook.record.component, hook.arrays, out=out)
 
 
 def write_plan(plan: Plan, dst: np.ndarray) -> None:
@@ -259,7 +250,7 @@ def write_plan(plan: Plan, dst: np.ndarray) -> None:
             _fill_hook(dst[offset : offset + hook.nbytes], hook, plan.n_rows)
 
 
-def write_capture(capture: CaptureResult, registry: ShmRegistry, ttl_s: float | None = None) -> ShmHandle:
+def write_capture(capture: Any, registry: ShmRegistry, ttl_s: float | None = None) -> ShmHandle:
     """Store `capture` in a shared-memory segment owned by `registry` and return its handle.
     Raises `CaptureBudgetExceeded` (nothing is written) when it does not fit."""
     plan = plan_capture(capture)
@@ -273,7 +264,7 @@ def write_capture(capture: CaptureResult, registry: ShmRegistry, ttl_s: float | 
     return registry.commit(lease, plan.size)
 
 
-def capture_to_bytes(capture: CaptureResult) -> pa.Buffer:
+def capture_to_bytes(capture: Any) -> pa.Buffer:
     """The same stream in ordinary memory (for HTTP or a file)."""
     plan = plan_capture(capture)
     buf = pa.allocate_buffer(max(plan.size, 1))

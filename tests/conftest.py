@@ -7,8 +7,8 @@ from pathlib import Path
 import engine  # noqa: F401  (OpenBLAS before mlx.core)
 import pytest
 
-import control.process
-from control.process import free_port  # noqa: F401  (tests import it from here)
+import tests.server_process
+from tests.server_process import free_port  # noqa: F401  (tests import it from here)
 
 from tests.tiny_models import make_tiny_model
 
@@ -52,7 +52,7 @@ def default_model(default_model_path):
     return load_model(str(default_model_path), MODEL_ID)
 
 
-class ServerProcess(control.process.ServerProcess):
+class ServerProcess(tests.server_process.ServerProcess):
     """A real `nsbridge serve` on loopback, ready when constructed."""
 
     def __init__(self, model: str | None, state_dir: Path, extra: list[str] = (), env: dict | None = None):

@@ -22,10 +22,14 @@ import pytest
 
 from engine import capture as capture_mod
 from engine.capture import Capture
-from engine.errors import InvalidRequest, UnknownHook
-from engine.generate import Generation, SamplingParams, generate
-from engine.hooks import COMPONENTS, CaptureOptions, estimate_bytes, hook_points, resolve_hooks
-from engine.records import TOKEN_AXIS, to_numpy
+from engine.errors import InvalidArgument, UnknownHook
+from engine.generate import Completion, generate
+from engine.hooks import estimate_bytes, hook_points, hook_specs, resolve_hooks
+from engine.params import CaptureOptions, SamplingParams, parse
+from engine.plan import plan
+from engine.records import to_numpy
+from vocabulary import COMPONENT_NAMES as COMPONENTS
+from vocabulary import COMPONENTS as VOCABULARY
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 6
@@ -154,7 +158,7 @@ def full_specs(arch: str, n_layers: int) -> tuple[list[dict], dict[tuple[str, bo
 def reference_slice(ref: np.ndarray, component: str, start: int, n: int) -> np.ndarray:
     if component in ("attention_scores", "attention_pattern"):
         return ref[:, start:start + n, :start + n]
-    if TOKEN_AXIS[component] == 1:
+    if VOCABULARY[component].token_axis == 1:
         return ref[:, start:start + n]
     return ref[start:start + n]
 
@@ -177,7 +181,7 @@ class Run:
     lm: object
     path: object
     prompt: list[int]
-    generation: Generation
+    generation: Completion
     events: list
     capture: Capture
     ref_of: dict
@@ -185,16 +189,24 @@ class Run:
     plain_tokens: list[int]
 
 
+def greedy(max_tokens: int, **sampling) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling)
+
+
 def capture_run(lm, prompt, specs, max_tokens=MAX_TOKENS, options=CaptureOptions(), **sampling):
-    capture = Capture(lm, resolve_hooks(lm, specs), options)
-    generation = Generation(prompt_tokens=len(prompt), token_ids=list(prompt))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling)
-    events = list(generate(lm, prompt, params, capture=capture, result=generation))
-    return capture, generation, events
+    """-> (the capture, the completion, the events) of a greedy generation capturing `specs`."""
+    events = list(generate(plan(lm, prompt=prompt, sampling=greedy(max_tokens, **sampling), hooks=specs,
+                                capture=options)))
+    assert all(e.capture is events[-1].capture for e in events)
+    return events[-1].capture, events[-1].result, events
+
+
+def capture_of(lm, specs, options=CaptureOptions()) -> Capture:
+    return Capture(lm, resolve_hooks(lm, hook_specs(specs)), options)
 
 
 def plain_tokens(lm, prompt, max_tokens=MAX_TOKENS) -> list[int]:
-    return [e.token for e in generate(lm, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))]
+    return [e.token for e in generate(plan(lm, prompt=prompt, sampling=greedy(max_tokens)))]
 
 
 def make_run(arch, lm, path) -> Run:
@@ -335,7 +347,7 @@ def test_logits_bit_identical_with_and_without_capture(tiny):
     prompt = tiny.chat_prompt(PROMPT)
     plain = _stepwise_logits(tiny, prompt, 5)
     specs, _ = full_specs(tiny.info.architecture, tiny.info.n_layers)
-    capture = Capture(tiny, resolve_hooks(tiny, specs))
+    capture = capture_of(tiny, specs)
     with capture.installed(tiny):
         captured = _stepwise_logits(tiny, prompt, 5, capture)
     assert sum(len(r.steps) for r in capture.records) > 0
@@ -388,7 +400,7 @@ def _arrays(cap) -> dict:
 
 def test_positions_last_gives_last_token_of_each_step(run):
     specs, _ = full_specs(run.arch, run.lm.info.n_layers)
-    cap, gen, _ = capture_run(run.lm, run.prompt, specs, options=CaptureOptions.parse("last"))
+    cap, gen, _ = capture_run(run.lm, run.prompt, specs, options=CaptureOptions(positions="last"))
     assert gen.token_ids == run.generation.token_ids
     full = _arrays(run.capture)
     for rec in cap.records:
@@ -404,7 +416,7 @@ def test_positions_last_gives_last_token_of_each_step(run):
 def test_positions_prompt_or_generated(run, positions):
     specs = [{"hook_id": "r", "layer_name": layer_name(run.arch, 1), "component": "residual"},
              {"hook_id": "p", "layer_name": layer_name(run.arch, 1), "component": "attention_pattern"}]
-    cap, _, _ = capture_run(run.lm, run.prompt, specs, options=CaptureOptions.parse(positions))
+    cap, _, _ = capture_run(run.lm, run.prompt, specs, options=CaptureOptions(positions=positions))
     full = _arrays(run.capture)
     for rec, ref_id in zip(cap.records, ("1.residual", "1.attention_pattern")):
         ref = full[(ref_id, False)]
@@ -417,7 +429,7 @@ def test_positions_prompt_or_generated(run, positions):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_dtype_is_the_float32_capture_cast(run, dtype):
     specs, _ = full_specs(run.arch, run.lm.info.n_layers)
-    cap, gen, _ = capture_run(run.lm, run.prompt, specs, options=CaptureOptions.parse("all", dtype))
+    cap, gen, _ = capture_run(run.lm, run.prompt, specs, options=CaptureOptions(dtype=dtype))
     assert gen.token_ids == run.generation.token_ids  # capture in another dtype changes nothing
     full = _arrays(run.capture)
     target = getattr(mx, dtype)
@@ -431,11 +443,13 @@ def test_dtype_is_the_float32_capture_cast(run, dtype):
 
 
 def test_capture_options_validation():
-    assert CaptureOptions.parse(None, None) == CaptureOptions("all", "float32")
-    with pytest.raises(InvalidRequest, match="activation_positions"):
-        CaptureOptions.parse("first")
-    with pytest.raises(InvalidRequest, match="activation_dtype"):
-        CaptureOptions.parse("all", "int8")
+    assert parse(CaptureOptions, None, positions=None, dtype=None) == CaptureOptions(positions="all", dtype="float32")
+    with pytest.raises(InvalidArgument, match="positions") as info:
+        parse(CaptureOptions, None, positions="first")
+    assert info.value.arg == "positions"
+    with pytest.raises(InvalidArgument, match="dtype") as info:
+        parse(CaptureOptions, None, dtype="int8")
+    assert info.value.arg == "dtype"
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,9 +504,8 @@ def test_hooks_are_installed_only_during_generation(tiny):
     from mlx_lm.models import base
 
     before = _snapshot(tiny)
-    capture = Capture(tiny, resolve_hooks(tiny, _all_specs(tiny)))
-    events = generate(tiny, tiny.chat_prompt(PROMPT), SamplingParams(max_tokens=5, temperature=0), capture)
-    next(events)
+    events = generate(plan(tiny, prompt=tiny.chat_prompt(PROMPT), sampling=greedy(5), hooks=_all_specs(tiny)))
+    capture = next(events).capture
     seam = sys.modules[type(tiny.model).__module__].scaled_dot_product_attention
     assert seam is not base.scaled_dot_product_attention
     assert any(type(m) in capture_mod._tapped_classes.values() for m in tiny.model.modules())
@@ -507,24 +520,22 @@ def test_hooks_are_installed_only_during_generation(tiny):
 
 def test_exception_inside_a_hook_restores_everything(tiny, monkeypatch):
     before = _snapshot(tiny)
-    capture = Capture(tiny, resolve_hooks(tiny, _all_specs(tiny)))
-    keep = capture._keep
+    keep = Capture._keep
 
-    def failing_keep(rec, array, axis):
-        if capture._step == 2:
+    def failing_keep(self, rec, array, axis):
+        if self._step == 2:
             raise RuntimeError("boom")
-        keep(rec, array, axis)
+        keep(self, rec, array, axis)
 
-    monkeypatch.setattr(capture, "_keep", failing_keep)
+    monkeypatch.setattr(Capture, "_keep", failing_keep)
     with pytest.raises(RuntimeError, match="boom"):
-        list(generate(tiny, tiny.chat_prompt(PROMPT), SamplingParams(max_tokens=5, temperature=0), capture))
+        list(generate(plan(tiny, prompt=tiny.chat_prompt(PROMPT), sampling=greedy(5), hooks=_all_specs(tiny))))
     _assert_unchanged(tiny, before)
 
 
 def test_exception_thrown_into_generation_restores_everything(tiny):
     before = _snapshot(tiny)
-    capture = Capture(tiny, resolve_hooks(tiny, _all_specs(tiny)))
-    events = generate(tiny, tiny.chat_prompt(PROMPT), SamplingParams(max_tokens=5, temperature=0), capture)
+    events = generate(plan(tiny, prompt=tiny.chat_prompt(PROMPT), sampling=greedy(5), hooks=_all_specs(tiny)))
     next(events)
     with pytest.raises(KeyboardInterrupt):
         events.throw(KeyboardInterrupt())
@@ -533,9 +544,8 @@ def test_exception_thrown_into_generation_restores_everything(tiny):
 
 def test_second_capture_waits_for_the_first(tiny_llama):
     lm, prompt = tiny_llama, tiny_llama.chat_prompt(PROMPT)
-    first = Capture(lm, resolve_hooks(lm, [{"layer_name": "blocks.0.hook_resid_post"}]))
-    events = generate(lm, prompt, SamplingParams(max_tokens=4, temperature=0), first)
-    next(events)
+    events = generate(plan(lm, prompt=prompt, sampling=greedy(4), hooks=[{"layer_name": "blocks.0.hook_resid_post"}]))
+    first = next(events).capture
     n_first = len(first.records[0].steps)
     second: dict = {}
 
@@ -557,63 +567,71 @@ def test_second_capture_waits_for_the_first(tiny_llama):
 # --------------------------------------------------------------------------------------------
 # Resolution errors, hook listing, size estimate
 # --------------------------------------------------------------------------------------------
-ERRORS = [
-    ("not-a-list", {"layer_name": "model.layers.0"}, InvalidRequest, ["must be a list"]),
-    ("not-an-object", ["model.layers.0"], InvalidRequest, ["must be an object"]),
-    ("no-layer-name", [{"component": "residual"}], InvalidRequest, ["layer_name"]),
+ERRORS = [  # (id, hooks, error class, the argument it names, needles in its message)
+    ("not-a-list", {"layer_name": "model.layers.0"}, InvalidArgument, "hooks", ["must be a list"]),
+    ("not-an-object", ["model.layers.0"], InvalidArgument, "hooks[0]", ["must be a hook object"]),
+    ("no-layer-name", [{"component": "residual"}], InvalidArgument, "hooks[0].layer_name", ["layer_name"]),
     ("unknown-layer", [{"layer_name": "model.layers.3", "component": "residual"}], UnknownHook,
-     ["3 layers", "0 to 2"]),
-    ("unknown-layer-tl", [{"layer_name": "blocks.7.hook_resid_post"}], UnknownHook, ["0 to 2"]),
-    ("unknown-component", [{"layer_name": "model.layers.0", "component": "resid"}], UnknownHook,
-     list(COMPONENTS)),
-    ("unknown-name", [{"layer_name": "decoder.block0", "component": "residual"}], UnknownHook,
+     "hooks[0].layer_name", ["3 layers", "0 to 2"]),
+    ("unknown-layer-tl", [{"layer_name": "blocks.7.hook_resid_post"}], UnknownHook, "hooks[0].layer_name",
+     ["0 to 2"]),
+    ("unknown-component", [{"layer_name": "model.layers.0", "component": "resid"}], InvalidArgument,
+     "hooks[0].component", list(COMPONENTS)),
+    ("unknown-name", [{"layer_name": "decoder.block0", "component": "residual"}], UnknownHook, "hooks[0].layer_name",
      ["model.layers.N", "transformer.h.N", "blocks.N.hook_resid_pre", "hook_pattern", "hook_embed"]),
     ("unknown-submodule", [{"layer_name": "model.layers.0.feed_forward", "component": "mlp"}], UnknownHook,
-     ["feed_forward", "model.layers.N"]),
-    ("unknown-tl-hook", [{"layer_name": "blocks.0.hook_resid_postt"}], UnknownHook,
+     "hooks[0].layer_name", ["feed_forward", "model.layers.N"]),
+    ("unknown-tl-hook", [{"layer_name": "blocks.0.hook_resid_postt"}], UnknownHook, "hooks[0].layer_name",
      ["hook_resid_postt", "blocks.N.hook_resid_pre"]),
-    ("missing-component", [{"layer_name": "model.layers.0"}], InvalidRequest, ["needs a 'component'", "residual"]),
+    ("missing-component", [{"layer_name": "model.layers.0"}], InvalidArgument, "hooks[0].component",
+     ["needs a 'component'", "residual"]),
     ("tl-vs-component", [{"layer_name": "blocks.0.hook_resid_post", "component": "mlp"}], UnknownHook,
-     ["'residual'", "'mlp'"]),
+     "hooks[0].component", ["'residual'", "'mlp'"]),
     ("global-vs-component", [{"layer_name": "transformer.wte", "component": "residual"}], UnknownHook,
-     ["'embedding'"]),
+     "hooks[0].component", ["'embedding'"]),
     ("submodule-vs-component", [{"layer_name": "model.layers.0.mlp", "component": "attention"}], UnknownHook,
-     ["not part of", "mlp"]),
+     "hooks[0].component", ["not part of", "mlp"]),
     ("input-of-query", [{"layer_name": "model.layers.0", "component": "query", "capture_input": True}],
-     InvalidRequest, ["no input tensor"]),
+     InvalidArgument, "hooks[0].capture_input", ["no input tensor"]),
     ("input-of-pattern", [{"layer_name": "model.layers.0", "component": "attention_pattern",
-                           "capture_input": True, "capture_output": False}], InvalidRequest, ["no input tensor"]),
+                           "capture_input": True, "capture_output": False}], InvalidArgument, "hooks[0].capture_input",
+     ["no input tensor"]),
     ("input-of-embedding", [{"layer_name": "transformer.wte", "component": "embedding", "capture_input": True}],
-     InvalidRequest, ["no input tensor"]),
-    ("input-of-tl-name", [{"layer_name": "blocks.0.hook_resid_post", "capture_input": True}], InvalidRequest,
-     ["capture_input does not apply"]),
+     InvalidArgument, "hooks[0].capture_input", ["no input tensor"]),
+    ("input-of-tl-name", [{"layer_name": "blocks.0.hook_resid_post", "capture_input": True}], InvalidArgument,
+     "hooks[0].capture_input", ["capture_input does not apply"]),
     ("duplicate-id", [{"hook_id": "x", "layer_name": "model.layers.0", "component": "residual"},
-                      {"hook_id": "x", "layer_name": "model.layers.1", "component": "residual"}], InvalidRequest,
-     ["used twice"]),
+                      {"hook_id": "x", "layer_name": "model.layers.1", "component": "residual"}], InvalidArgument,
+     "hooks[1].hook_id", ["used twice"]),
     ("duplicate-default-id", [{"layer_name": "blocks.0.hook_resid_post"}, {"layer_name": "blocks.0.hook_resid_post"}],
-     InvalidRequest, ["used twice"]),
+     InvalidArgument, "hooks[1].hook_id", ["used twice"]),
     ("nothing", [{"layer_name": "model.layers.0", "component": "residual", "capture_output": False}],
-     InvalidRequest, ["captures nothing"]),
+     InvalidArgument, "hooks[0].capture_output", ["captures nothing"]),
     ("non-bool-flag", [{"layer_name": "model.layers.0", "component": "residual", "capture_input": "yes"}],
-     InvalidRequest, ["booleans"]),
-    ("non-string-id", [{"hook_id": 5, "layer_name": "model.layers.0", "component": "residual"}], InvalidRequest,
-     ["hook_id"]),
+     InvalidArgument, "hooks[0].capture_input", ["boolean"]),
+    ("non-string-id", [{"hook_id": 5, "layer_name": "model.layers.0", "component": "residual"}], InvalidArgument,
+     "hooks[0].hook_id", ["hook_id"]),
 ]
 
 
-@pytest.mark.parametrize("specs,exc,needles", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
-def test_resolve_hooks_errors(tiny, specs, exc, needles):
+@pytest.mark.parametrize("specs,exc,arg,needles", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_resolve_hooks_errors(tiny, specs, exc, arg, needles):
     with pytest.raises(exc) as info:
-        resolve_hooks(tiny, specs)
+        resolve_hooks(tiny, hook_specs(specs))
     for needle in needles:
         assert needle in info.value.message, (needle, info.value.message)
-    assert info.value.status in (404, 422, 400) and info.value.param
+    assert info.value.arg == arg
+    with pytest.raises(exc) as info:  # the same through a plan
+        plan(tiny, prompt=[5, 6], hooks=specs)
+    assert info.value.arg == arg
 
 
 def test_resolve_defaults(tiny_llama):
-    t = resolve_hooks(tiny_llama, [{"layer_name": "model.layers.1", "component": "mlp", "capture_input": True}])
+    """The output comes first, so that shared memory and Completion.activations name the input `<id>:input`."""
+    t = resolve_hooks(tiny_llama, hook_specs([{"layer_name": "model.layers.1", "component": "mlp",
+                                               "capture_input": True}]))
     assert [(x.hook_id, x.is_input, x.site, x.layer) for x in t] == [
-        ("model.layers.1.mlp", True, "mlp", 1), ("model.layers.1.mlp", False, "mlp", 1)]
+        ("model.layers.1.mlp", False, "mlp", 1), ("model.layers.1.mlp", True, "mlp", 1)]
     assert resolve_hooks(tiny_llama, []) == []
 
 
@@ -624,9 +642,10 @@ def test_hook_points_list_every_point_with_its_shape(tiny):
     names = [p["name"] for p in points]
     assert len(set(names)) == len(names)
     # Every listed point resolves by name, and a capture of all of them has the listed shapes.
-    targets = resolve_hooks(tiny, [{"layer_name": n} for n in names])
+    targets = resolve_hooks(tiny, hook_specs([{"layer_name": n} for n in names]))
     assert [(t.component, t.is_input, t.layer) for t in targets] == [
         (p["component"], p["is_input"], p["layer"]) for p in points]
+    assert all(p["layer_index"] == p["layer"] for p in points)
     cap, _, _ = capture_run(tiny, tiny.chat_prompt(PROMPT), [{"layer_name": n} for n in names], max_tokens=2)
     for p, rec in zip(points, cap.records):
         assert rec.module_path == p["module_path"]
@@ -644,12 +663,12 @@ def test_hook_points_list_every_point_with_its_shape(tiny):
                                              ("generated", "bfloat16")])
 def test_estimate_bytes_bounds_a_full_run(tiny, positions, dtype):
     prompt = tiny.chat_prompt(PROMPT)
-    options = CaptureOptions.parse(positions, dtype)
+    options = CaptureOptions(positions=positions, dtype=dtype)
     specs = _all_specs(tiny)
     cap, gen, _ = capture_run(tiny, prompt, specs, max_tokens=5, options=options)
     assert gen.finish_reason == "length"
     real = sum(s.array.nbytes for r in cap.records for s in r.steps)
-    est = estimate_bytes(tiny, resolve_hooks(tiny, specs), len(prompt), 5, options)
+    est = estimate_bytes(tiny, resolve_hooks(tiny, hook_specs(specs)), len(prompt), 5, options)
     assert real <= est
     assert est == real  # a run that reaches max_tokens needs exactly the estimate
 
@@ -674,7 +693,7 @@ def test_real_model_logits_bit_identical_with_capture(default_model):
     lm = default_model
     prompt = lm.chat_prompt(PROMPT)
     plain = _stepwise_logits(lm, prompt, 3)
-    capture = Capture(lm, resolve_hooks(lm, full_specs("llama", lm.info.n_layers)[0]))
+    capture = capture_of(lm, full_specs("llama", lm.info.n_layers)[0])
     with capture.installed(lm):
         captured = _stepwise_logits(lm, prompt, 3, capture)
     assert all(np.array_equal(a, b) for a, b in zip(plain, captured))

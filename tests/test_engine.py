@@ -12,21 +12,23 @@ import engine  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx_lm
 import pytest
 
+from engine.api import Model
 from engine.errors import (
-    ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound, NSBridgeError, UnsupportedArchitecture,
+    ContextLengthExceeded, EngineError, InvalidArgument, ModelLoadError, ModelNotFound, UnsupportedArchitecture,
 )
-from engine.generate import Generation, SamplingParams, generate
+from engine.generate import Completion, generate
 from engine.model import ModelInfo, default_model_id, load_model, resolve_model_path
+from engine.params import SamplingParams, parse
+from engine.plan import plan, prompt_ids
 
 PROMPTS = ["What is the capital of France?", "John gave Mary the book", "The answer is", "Hello, how are you?"]
 
 
-def run(lm, prompt, **params):
-    """-> (events, generation) for a list of token ids and sampling params (greedy by default)."""
+def run(lm, prompt, **params) -> tuple[list, Completion]:
+    """-> (events, completion) for a list of token ids and sampling params (greedy by default)."""
     params.setdefault("temperature", 0.0)
-    gen = Generation(prompt_tokens=len(prompt), token_ids=list(prompt))
-    events = list(generate(lm, prompt, SamplingParams(**params), result=gen))
-    return events, gen
+    events = list(generate(plan(lm, prompt=prompt, sampling=parse(SamplingParams, None, **params))))
+    return events, events[-1].result
 
 
 def chat(lm, text):
@@ -72,22 +74,23 @@ def test_repo_ids_are_left_to_mlx_lm():
 def test_missing_path_is_not_found(tmp_path):
     with pytest.raises(ModelNotFound) as info:
         load_model(str(tmp_path / "nope"))
-    assert info.value.status == 404 and info.value.param == "model_path"
+    assert info.value.arg == "model_path" and "does not exist" in info.value.message
     with pytest.raises(ModelNotFound):
         load_model("./relative/not/here")
 
 
 @pytest.mark.parametrize("value", ["", "   ", None, 3])
 def test_empty_model_path_is_invalid(value):
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidArgument) as info:
         load_model(value)
+    assert info.value.arg == "model_path"
 
 
 def test_folder_without_config_is_a_load_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="no config.json") as info:
         load_model(str(tmp_path))
-    assert info.value.status == 400 and not isinstance(info.value, UnsupportedArchitecture)
+    assert info.value.arg == "model_path" and not isinstance(info.value, UnsupportedArchitecture)
 
 
 def test_file_that_is_not_gguf_is_a_load_error(tmp_path, tiny_llama_path):
@@ -126,9 +129,9 @@ def test_unsupported_architecture(tmp_path, tiny_llama_path):
     with pytest.raises(UnsupportedArchitecture) as info:
         load_model(str(folder))
     err = info.value
-    assert isinstance(err, ModelLoadError) and err.code == "unsupported_architecture" and err.status == 400
+    assert isinstance(err, ModelLoadError) and isinstance(err, EngineError)
     assert "'phi'" in err.message and "llama" in err.message and "gpt2" in err.message
-    assert err.to_dict()["error"]["param"] == "model_path"
+    assert err.arg == "model_path"
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,16 +145,18 @@ def test_chat_prompt_uses_fallback_template(tiny_llama):
 
 def test_chat_prompt_accepts_text_content_parts(tiny_llama):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]
-    assert tiny_llama.chat_prompt(parts) == chat(tiny_llama, "Hello")
+    before = [dict(m) for m in parts]
+    assert prompt_ids(tiny_llama, messages=parts) == (chat(tiny_llama, "Hello"), "messages")
+    assert parts == before  # the caller's messages are not rewritten
 
 
 @pytest.mark.parametrize("content", [[{"type": "image_url"}], [None, None], [{"type": "text", "text": 5}]],
                          ids=["image", "nulls", "non-string-text"])
 def test_chat_prompt_rejects_other_content_parts(tiny_llama, content):
     """A part the model cannot read is an error, not silently dropped."""
-    with pytest.raises(InvalidRequest) as info:
-        tiny_llama.chat_prompt([{"role": "user", "content": content}])
-    assert info.value.param == "messages[0].content" and "text" in info.value.message
+    with pytest.raises(InvalidArgument) as info:
+        prompt_ids(tiny_llama, messages=[{"role": "user", "content": content}])
+    assert info.value.arg == "messages[0].content" and "text" in info.value.message
 
 
 @pytest.mark.parametrize("messages", [
@@ -159,9 +164,9 @@ def test_chat_prompt_rejects_other_content_parts(tiny_llama, content):
     [{"role": "user", "content": 5}], {"role": "user", "content": "hi"},
 ], ids=["empty", "none", "string", "no-content", "bad-role", "not-object", "non-string", "not-a-list"])
 def test_bad_messages(tiny_llama, messages):
-    with pytest.raises(InvalidRequest) as info:
-        tiny_llama.chat_prompt(messages)
-    assert info.value.status == 422 and info.value.param.startswith("messages")
+    with pytest.raises(InvalidArgument) as info:
+        prompt_ids(tiny_llama, messages=messages)
+    assert info.value.arg.startswith("messages")
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,41 +174,45 @@ def test_bad_messages(tiny_llama, messages):
 # --------------------------------------------------------------------------------------------
 BAD_PARAMS = [
     ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", 1.5), ("max_tokens", True), ("max_tokens", "3"),
-    ("temperature", -0.1), ("temperature", 101), ("temperature", "1"), ("temperature", None), ("temperature", False),
+    ("temperature", -0.1), ("temperature", 101), ("temperature", "1"), ("temperature", False),
     ("top_p", 0), ("top_p", 1.1), ("top_p", -1), ("top_p", "0.5"),
     ("top_k", -1), ("top_k", 1.5), ("top_k", "2"),
     ("seed", "x"), ("seed", 1.5), ("seed", True), ("seed", -1), ("seed", 2 ** 64),
-    ("stop", ""), ("stop", [""]), ("stop", [1]), ("stop", ["a"] * 17), ("stop", 5), ("stop", None),
-]
+    ("stop", ""), ("stop", [""]), ("stop", [1]), ("stop", ["a"] * 17), ("stop", 5),
+]  # None is "not given" (the default), as in OpenAI's API
 
 
 @pytest.mark.parametrize("field,value", BAD_PARAMS)
 def test_invalid_sampling_values(tiny_llama, field, value):
-    with pytest.raises(InvalidRequest) as info:
-        SamplingParams(**{field: value}).validate()
-    assert info.value.param == field and info.value.status == 422 and field in info.value.message
-    with pytest.raises(InvalidRequest):  # generate validates too, before any work
-        next(generate(tiny_llama, chat(tiny_llama, "Hi"), SamplingParams(**{field: value})))
+    with pytest.raises(InvalidArgument) as info:
+        parse(SamplingParams, None, **{field: value})
+    assert info.value.arg.startswith(field) and field in info.value.message  # stop[0]: the string at fault
+    with pytest.raises(InvalidArgument):  # the API checks when called, before any work
+        Model(tiny_llama).stream(prompt="Hi", **{field: value})
 
 
 def test_valid_sampling_values():
-    p = SamplingParams(max_tokens=1, temperature=0, top_p=1, top_k=0, seed=0, stop="x").validate()
-    assert p.stop == ["x"]
-    SamplingParams(temperature=100, top_p=0.01, top_k=5, seed=2 ** 64 - 1, stop=["a"] * 16).validate()
+    p = parse(SamplingParams, None, max_tokens=1, temperature=0, top_p=1, top_k=0, seed=0, stop="x")
+    assert p.stops == ["x"]
+    parse(SamplingParams, None, temperature=100, top_p=0.01, top_k=5, seed=2 ** 64 - 1, stop=["a"] * 16)
 
 
-def test_empty_prompt(tiny_llama):
-    with pytest.raises(InvalidRequest):
-        next(generate(tiny_llama, [], SamplingParams()))
+@pytest.mark.parametrize("prompt", [[], ""])
+def test_empty_prompt(tiny_llama, prompt):
+    with pytest.raises(InvalidArgument, match="empty") as info:
+        plan(tiny_llama, prompt=prompt)
+    assert info.value.arg == "prompt"
 
 
 def test_prompt_longer_than_context(tiny_llama):
     limit = tiny_llama.info.context_length
     with pytest.raises(ContextLengthExceeded) as info:
-        next(generate(tiny_llama, [5] * limit, SamplingParams(temperature=0)))
-    assert str(limit) in info.value.message and info.value.status == 400
-    assert info.value.code == "context_length_exceeded" and isinstance(info.value, NSBridgeError)
-    events, gen = run(tiny_llama, [5] * (limit - 1), max_tokens=50)  # one slot left: one token
+        plan(tiny_llama, prompt=[5] * limit)
+    assert f"{limit} tokens" in info.value.message and info.value.arg == "prompt"
+    with pytest.raises(ContextLengthExceeded) as info:  # an explicit max_tokens is never shortened
+        run(tiny_llama, [5] * (limit - 1), max_tokens=50)
+    assert info.value.arg == "max_tokens" and "at most 1" in info.value.message
+    events, gen = run(tiny_llama, [5] * (limit - 1))  # the default max_tokens: what fits, one token
     assert len(events) == 1 and gen.finish_reason == "length"
 
 
@@ -241,12 +250,15 @@ def test_events_and_usage(tiny):
     assert gen.text == tiny.tokenizer.decode([e.token for e in events])
 
 
-def test_default_result_object(tiny_llama):
-    events = list(generate(tiny_llama, chat(tiny_llama, "Hi"), SamplingParams(max_tokens=3, temperature=0)))
-    assert len(events) == 3 and events[-1].finish_reason == "length"
+def test_only_the_last_event_carries_the_result(tiny_llama):
+    events, gen = run(tiny_llama, chat(tiny_llama, "Hi"), max_tokens=3)
+    assert len(events) == 3 and events[-1].finish_reason == "length" and isinstance(gen, Completion)
+    assert [e.result for e in events[:-1]] == [None, None] and [e.capture for e in events] == [None] * 3
+    assert [e.completion_tokens for e in events] == [1, 2, 3] and gen.capture is None and gen.activations == {}
+    assert gen.tokens == [tiny_llama.tokenizer.decode([t]) for t in gen.token_ids]
 
 
-def _clean_text(tiny) -> tuple[list[int], Generation]:
+def _clean_text(tiny) -> tuple[list[int], Completion]:
     """A greedy completion with a stretch of clean ASCII text to pick stop strings from."""
     for text in PROMPTS:
         prompt = chat(tiny, text)

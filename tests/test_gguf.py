@@ -143,7 +143,7 @@ def test_corrupt_gguf_is_a_load_error(tmp_path, nsbridge_home, content):
     bad.write_bytes(content)
     with pytest.raises(ModelLoadError) as info:
         load_model(str(bad))
-    assert info.value.status == 400 and "broken.gguf" in info.value.message
+    assert info.value.arg == "model_path" and "broken.gguf" in info.value.message
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The control plane through real HTTP on loopback against a real uvicorn server (tiny model).
 
-Every endpoint of DESIGN.md section 2 and issue 5, the `openai` package unchanged, inline data
+Every endpoint of the API (the table in README.md) and issue 5, the `openai` package unchanged, inline data
 equal to the shared-memory data for the same greedy request, streaming with activations, every
 error as JSON `{"error": {message, type, param, code}}` (the server keeps serving after each),
 HTTP/1.0 `Connection: close`, and the OpenAPI document kept true against the app's routes.
@@ -163,7 +163,7 @@ def test_models_list(base):
 
 
 def test_load_model_contract_fields(base, tiny_llama_path):
-    """DESIGN 2: `{"model_path", "model_id"?}` answers `{"model_id", "status": "loaded",
+    """`{"model_path", "model_id"?}` (README.md's endpoint table) answers `{"model_id", "status": "loaded",
     "supports_activations": true, ...}` (reloads the same tiny model under its own id)."""
     r = requests.post(base + "/v1/models/load", json={"model_path": str(tiny_llama_path), "model_id": "tiny-llama"},
                       timeout=120)
@@ -200,9 +200,9 @@ def test_load_model_outside_allowed_dirs_is_forbidden(base, tiny_llama_path):
 
 
 def test_load_model_bad_bodies(base):
-    assert_error(requests.post(base + "/v1/models/load", json={}, timeout=10), 422, param="model_path")
-    assert_error(requests.post(base + "/v1/models/load", json={"model_path": 5}, timeout=30), 422)
-    assert_error(requests.post(base + "/v1/models/load", data=b"{oops", timeout=10), 400, "malformed_request")
+    assert_error(requests.post(base + "/v1/models/load", json={}, timeout=10), 400, param="model_path")
+    assert_error(requests.post(base + "/v1/models/load", json={"model_path": 5}, timeout=30), 400)
+    assert_error(requests.post(base + "/v1/models/load", data=b"{oops", headers=JSON, timeout=10), 400, "malformed_request")
     assert_serving(base)
 
 
@@ -286,14 +286,14 @@ def test_openai_package_non_stream_and_stream(base):
     plain = client.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=3, temperature=0, stream=True)
     assert [c.choices[0].finish_reason for c in plain if c.choices][-1] in ("stop", "length")
 
-    with pytest.raises(openai.UnprocessableEntityError) as exc:
+    with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=0)
     assert exc.value.body["param"] == "max_tokens" or exc.value.body.get("error", {}).get("param") == "max_tokens"
 
 
 # --- with_activations -----------------------------------------------------------------------
 def test_with_activations_contract_request(base):
-    """The request and response of DESIGN 2, copied as NeuroScope writes them."""
+    """The request and response of README.md and docs/activations.md, copied as NeuroScope writes them."""
     body = {
         "messages": [{"role": "user", "content": "The capital of France is"}],
         "max_tokens": 3,
@@ -589,7 +589,7 @@ def test_hooks_register_list_use_and_clear(base, clean_hooks):
     assert r.status_code == 200 and r.json()["cleared"] == 2
     assert requests.get(base + "/v1/activations/hooks", timeout=10).json() == {"hooks": [], "count": 0}
     assert_error(requests.post(base + "/v1/chat/completions/with_activations", json=chat_body(max_tokens=2),
-                               timeout=30), 422, param="activation_hooks")
+                               timeout=30), 400, param="activation_hooks")
 
     # The POST twin for SqueakJS.
     requests.post(base + "/v1/activations/hooks", json={"hooks": hooks[:1]}, timeout=10)
@@ -604,9 +604,9 @@ def test_hooks_register_rejects_bad_hooks_and_keeps_old_ones(base, clean_hooks):
     err = assert_error(requests.post(base + "/v1/activations/hooks", json={"hooks": [
         {"layer_name": "transformer.h.99", "component": "residual"}]}, timeout=10), 400, "unknown_hook")
     assert "0 to 2" in err["message"]
-    assert_error(requests.post(base + "/v1/activations/hooks", json={"hooks": "residual"}, timeout=10), 422)
-    assert_error(requests.post(base + "/v1/activations/hooks", json={}, timeout=10), 422)
-    assert_error(requests.post(base + "/v1/activations/hooks", data=b"[]", timeout=10), 400, "malformed_request")
+    assert_error(requests.post(base + "/v1/activations/hooks", json={"hooks": "residual"}, timeout=10), 400)
+    assert_error(requests.post(base + "/v1/activations/hooks", json={}, timeout=10), 400)
+    assert_error(requests.post(base + "/v1/activations/hooks", data=b"[]", headers=JSON, timeout=10), 400, "malformed_request")
     assert requests.get(base + "/v1/activations/hooks", timeout=10).json()["hooks"] == good
     assert_serving(base)
 
@@ -631,6 +631,7 @@ def test_points(base):
 
 # --- errors ---------------------------------------------------------------------------------
 CHAT = "/v1/chat/completions"
+JSON = {"Content-Type": "application/json"}
 ACT = "/v1/chat/completions/with_activations"
 HOOK = [{"layer_name": "transformer.h.0", "component": "residual"}]
 
@@ -662,10 +663,10 @@ def test_malformed_body_is_400(base, path, data):
     (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, None),
     (CHAT, {"messages": [{"role": "user", "content": 5}]}, None),
     (CHAT, {"n": 2}, "n"),
-    (CHAT, {"stop": [""]}, "stop"),
+    (CHAT, {"stop": [""]}, "stop[0]"),
     (CHAT, {"seed": "x"}, "seed"),
     (CHAT, {"seed": -1}, "seed"),
-    (CHAT, {"max_tokens": None, "max_completion_tokens": 0}, "max_tokens"),
+    (CHAT, {"max_tokens": None, "max_completion_tokens": 0}, "max_completion_tokens"),
     (ACT, {"activation_hooks": HOOK, "activations_transport": "x"}, "activations_transport"),
     (ACT, {"activation_hooks": HOOK, "activations_encoding": "x"}, "activations_encoding"),
     (ACT, {"activation_hooks": HOOK, "activation_positions": "x"}, "activation_positions"),
@@ -680,9 +681,9 @@ def test_malformed_body_is_400(base, path, data):
     (ACT, {"activation_hooks": HOOK, "max_tokens": 0}, "max_tokens"),
     (ACT, {"activation_hooks": HOOK, "stream": "yes"}, "stream"),
 ])
-def test_invalid_field_is_422(base, path, fields, param):
+def test_invalid_field_is_400(base, path, fields, param):
     r = requests.post(base + path, json={**chat_body(max_tokens=2), **fields}, timeout=30)
-    assert_error(r, 422, param=param)
+    assert_error(r, 400, param=param)
 
 
 ODD_BUT_VALID = [
@@ -724,7 +725,7 @@ def test_odd_but_valid_requests_never_fail_the_server(base, path, fields):
 
 def test_invalid_fields_leave_the_server_serving(base):
     for fields in ({"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"stream": "yes"}, {"messages": []}):
-        assert_error(requests.post(base + CHAT, json={**chat_body(), **fields}, timeout=30), 422)
+        assert_error(requests.post(base + CHAT, json={**chat_body(), **fields}, timeout=30), 400)
     assert_serving(base)
 
 
@@ -845,7 +846,7 @@ def test_http10_connection_close(tiny_server):
     assert body.rstrip().endswith(b"data: [DONE]")
 
     # HTTP/1.1 with Connection: close also closes after one response.
-    head, body, _ = _raw_http(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body, _ = _raw_http(port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert b" 200 " in head.split(b"\r\n")[0] and b"connection: close" in head.lower()
     assert json.loads(body)["object"] == "list"
 
@@ -906,9 +907,9 @@ def test_openapi_lists_exactly_the_routes(base, tmp_path):
             # Every documented operation exists on the running server: never 404-for-route or 405.
             url = base + path.replace("{capture_id}", "cap_0000000000000000")
             if (path, method) == ("/v1/models/load", "post"):
-                resp = requests.post(url, json={}, timeout=30)  # 422, not a load
+                resp = requests.post(url, json={}, timeout=30)  # 400, not a load
             elif method == "post" and "requestBody" in op:
-                resp = requests.post(url, data=b"[]", timeout=30)  # 400 malformed, nothing runs
+                resp = requests.post(url, data=b"[]", headers=JSON, timeout=30)  # 400 malformed, nothing runs
             elif method in ("delete", "post") and "hooks" in path:
                 continue  # would clear registered hooks of other tests; exercised above
             else:
@@ -917,12 +918,17 @@ def test_openapi_lists_exactly_the_routes(base, tmp_path):
             if resp.status_code == 404:
                 assert "capture" in resp.json()["error"]["message"], (path, method)
     # The documented request schemas agree with the server's limits.
-    chat = spec["paths"][CHAT]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert chat["properties"]["max_tokens"]["minimum"] == 1
-    act = spec["paths"][ACT]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    def body_schema(path):
+        ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        return spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+
+    chat = body_schema(CHAT)
+    assert chat["properties"]["max_tokens"]["anyOf"][0]["minimum"] == 1
+    act = body_schema(ACT)
     assert act["properties"]["activations_transport"]["enum"] == ["inline", "shm"]
-    components = act["properties"]["activation_hooks"]["items"]["properties"]["component"]["enum"]
-    from engine.hooks import COMPONENTS
+    hook = spec["components"]["schemas"]["HookSpec"]
+    components = hook["properties"]["component"]["anyOf"][0]["enum"]
+    from vocabulary import COMPONENT_NAMES as COMPONENTS
 
     assert tuple(components) == COMPONENTS
 

@@ -290,7 +290,8 @@ def test_health_stays_open_and_key_works(secured):
     assert events[-1] == "[DONE]"
     # Errors behind the key are still the right errors.
     assert_error(requests.get(base + "/v1/activations/cap_x", headers=AUTH, timeout=10), 404, "not_found")
-    assert_error(requests.post(base + CHAT, headers=AUTH, json={**chat_body(), "max_tokens": 0}, timeout=10), 422)
+    assert_error(requests.post(base + CHAT, headers=AUTH, json={**chat_body(), "max_tokens": 0}, timeout=10), 400)
+    assert KEY not in secured.log_tail(10 ** 7)  # never logged, not even in the access log
 
 
 def test_openai_package_with_api_key(secured):
@@ -336,12 +337,14 @@ def test_cors_allow_list(secured):
     assert r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     assert {"POST", "GET", "DELETE"} <= {m.strip() for m in r.headers["access-control-allow-methods"].split(",")}
     assert "authorization" in r.headers["access-control-allow-headers"].lower()
-    # Other origins get nothing.
+    # Other origins are refused, key or not, preflight or not, and get no CORS header (test_security.py).
     for origin in ("http://evil.example", ALLOWED_ORIGIN + ".evil.example", "null"):
         r = requests.get(base + "/v1/models", headers={**AUTH, "Origin": origin}, timeout=10)
-        assert r.status_code == 200 and "access-control-allow-origin" not in {k.lower() for k in r.headers}
+        assert_error(r, 403, "origin_not_allowed")
+        assert "access-control-allow-origin" not in {k.lower() for k in r.headers}
         r = requests.options(base + CHAT, headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
                              timeout=10)
+        assert_error(r, 403, "origin_not_allowed")
         assert "access-control-allow-origin" not in {k.lower() for k in r.headers}
     # A stream to the allowed origin carries the header.
     r = requests.post(base + CHAT, headers={**AUTH, "Origin": ALLOWED_ORIGIN},

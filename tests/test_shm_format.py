@@ -18,7 +18,7 @@ from engine.records import CaptureResult, to_numpy
 from shm import FORMAT_VERSION, StaleHandle, open_capture, read_capture_bytes
 from shm import segments
 from shm.format import KEY_PAD, pad_bits
-from shm.synthetic import ALL_COMPONENTS, synthetic_capture
+from tests.synthetic_capture import ALL_COMPONENTS, synthetic_capture
 from shm.writer import capture_to_bytes, plan_capture, write_capture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_roundtrip_every_component_and_dtype(registry, dtype):
         assert view.capture_id == cap.capture_id and view.model_id == "synthetic"
         assert view.tokens == cap.tokens and view.token_ids == cap.token_ids
         assert view.prompt_tokens == 5
-        assert list(view.token_id) == cap.token_ids[:-1]  # the last sampled token is never fed
+        assert list(view.token_id) == cap.token_ids  # the last generated token is fed too: it has a row
 
 
 def test_layouts_and_metadata():

@@ -18,7 +18,7 @@ import pytest
 from shm import CaptureBudgetExceeded, ShmRegistry, StaleHandle, UnknownSegment, open_capture, segments
 from shm.lifecycle import MiB, shm_space_message
 from shm.pool import size_class
-from shm.synthetic import synthetic_capture
+from tests.synthetic_capture import synthetic_capture
 from shm.writer import write_capture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ _CRASHER = textwrap.dedent(
     """
     import json, sys, time
     from shm import ShmRegistry
-    from shm.synthetic import synthetic_capture
+    from tests.synthetic_capture import synthetic_capture
     from shm.writer import write_capture
     reg = ShmRegistry(state_dir=sys.argv[1])
     done = write_capture(synthetic_capture(components=("residual",)), reg)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from shm import open_capture, segments
-from shm.synthetic import synthetic_capture
+from tests.synthetic_capture import synthetic_capture
 from shm.writer import write_capture
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -89,7 +89,9 @@ def test_rejects_addresses_the_client_cannot_use(bad):
 def test_template_is_package_data_and_fully_substituted():
     assert TEMPLATE.parent.name == "templates" and TEMPLATE.suffix == ".st"  # pyproject: templates/*.st
     markers = set(re.findall(r"@@([A-Z_]+)@@", TEMPLATE.read_text(encoding="utf-8")))
-    assert markers == {"GENERATED_NOTE", "BASE_URL", "MODEL_ID", "N_LAYERS", "COMPONENTS"}
+    assert markers == {"GENERATED_NOTE", "BASE_URL", "MODEL_ID", "N_LAYERS", "COMPONENTS",  # the server and model
+                       "ALL_COMPONENTS", "ATTENTION_INTERNALS", "PER_HEAD", "KEY_PADDED",  # vocabulary.py
+                       "NEGATIVE_INFINITY_PADDED"}
     assert not re.search(r"@@[A-Z_]+@@", CHECKED_IN.read_text(encoding="utf-8"))
 
 

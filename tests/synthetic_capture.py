@@ -1,8 +1,11 @@
 """Captures built from real MLX arrays without a model, for tests and benchmarks.
 
-Shapes follow engine.records: a prefill step of `prompt_len` tokens, then decode steps of one
-token each whose attention key axis grows by one. Scores carry the causal mask (-inf) and
-patterns are their softmax, as the engine captures them.
+Shapes follow the engine (engine/generate.py, engine.records): a prefill step of `prompt_len`
+tokens, then `decode_steps` steps of one token each whose attention key axis grows by one.
+Each decode step feeds one generated token, the last one included (the engine runs one more
+step over the final token so that every position has activations), so there are
+`prompt_len + decode_steps` tokens and every one has a row. Scores carry the causal mask
+(-inf) and patterns are their softmax, as the engine captures them.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from engine.records import CaptureResult, HookRecord, StepTensor
-from shm.format import ATTENTION_COMPONENTS, HEAD_COMPONENTS, VECTOR_COMPONENTS
+from vocabulary import COMPONENT_NAMES, COMPONENTS
 
-ALL_COMPONENTS = (*VECTOR_COMPONENTS, *HEAD_COMPONENTS, *ATTENTION_COMPONENTS)
+ALL_COMPONENTS = COMPONENT_NAMES
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -58,11 +61,11 @@ def synthetic_capture(
                 )
             )
     mx.eval([s.array for h in hooks for s in h.steps])
-    token_ids = [int(t) for t in mx.random.randint(0, 1000, (total + 1,)).tolist()]
+    token_ids = [int(t) for t in mx.random.randint(0, 1000, (total,)).tolist()]
     return CaptureResult(
         capture_id=capture_id or secrets.token_hex(8),
         model_id="synthetic",
-        token_ids=token_ids,  # the last generated token is never fed back, so has no row
+        token_ids=token_ids,  # prompt, then one generated token per decode step; each has a row
         tokens=[f"t{t}" for t in token_ids],
         prompt_tokens=prompt_len,
         hooks=hooks,
@@ -70,12 +73,12 @@ def synthetic_capture(
 
 
 def _tensor(comp: str, start: int, n: int, d_model: int, n_heads: int, n_kv: int, d_head: int) -> mx.array:
-    if comp in VECTOR_COMPONENTS:
-        return mx.random.normal((n, d_model))
-    if comp == "query":
-        return mx.random.normal((n_heads, n, d_head))
-    if comp in ("key", "value"):
-        return mx.random.normal((n_kv, n, d_head))
+    sizes = COMPONENTS[comp].sizes
+    if "key" not in sizes:  # engine layout: the tokens on the component's token axis
+        dims = {"d_model": d_model, "n_heads": n_heads, "n_kv_heads": n_kv, "d_head": d_head}
+        shape = [dims[s] for s in sizes]
+        shape.insert(COMPONENTS[comp].token_axis, n)
+        return mx.random.normal(tuple(shape))
     # Scores of these queries against all keys so far, causally masked.
     q = mx.random.normal((n_heads, n, d_head))
     k = mx.random.normal((n_heads, start + n, d_head))

@@ -1,0 +1,75 @@
+"""How a capture reaches the client: inline JSON entries, or a shared-memory handle.
+
+Shared-memory captures live in the registry until the client releases them or their TTL
+passes; the HTTP endpoints read and release them here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from control.errors import CaptureTooLarge, NotFound
+from control.inline import inline_activations
+from shm import CaptureBudgetExceeded, ShmRegistry, ShmSpaceError, UnknownSegment, write_capture
+from shm.writer import stored_shape
+
+
+class Delivery:
+    def __init__(self, registry: ShmRegistry, ttl_s: float):
+        self.registry, self.ttl_s = registry, ttl_s
+
+    async def deliver(self, result: Any, transport: str, encoding: str) -> dict:
+        """The response fields of a finished capture: tokens, token_ids and activations (+ capture)."""
+        capture = result.capture
+        out: dict = {"tokens": capture.tokens if capture else [], "token_ids": result.token_ids}
+        if capture is None:
+            out["activations"] = {}
+        elif transport == "inline":
+            out["activations"] = await asyncio.to_thread(inline_activations, capture, encoding)
+        else:
+            handle = await asyncio.to_thread(self.write_shm, capture)
+            out["capture"] = {"capture_id": capture.capture_id, "handle": handle}
+            out["activations"] = shm_entries(capture, handle)
+        return out
+
+    def write_shm(self, capture: Any) -> dict:
+        try:
+            return write_capture(capture, self.registry, ttl_s=self.ttl_s).to_dict()
+        except (CaptureBudgetExceeded, ShmSpaceError) as exc:  # not a 500: the client can release or shrink
+            raise CaptureTooLarge(f"{exc}; release captures (DELETE /v1/activations/{{id}}) or lower the request's "
+                                  "size", "activations_transport") from exc
+
+    def check_room(self) -> None:
+        status = self.registry.status()
+        if status.get("budget_bytes") and status.get("live_bytes", 0) >= status["budget_bytes"]:
+            raise CaptureTooLarge(
+                "the shared-memory budget is used up by live captures; release some "
+                "(DELETE /v1/activations/{id}) or wait for them to expire", "activations_transport")
+
+    def status(self) -> dict:
+        self.registry.reap_expired()
+        return self.registry.status()
+
+    def read(self, capture_id: str) -> memoryview:
+        try:
+            return self.registry.read_bytes(capture_id)
+        except (UnknownSegment, KeyError):
+            raise NotFound(f"no live capture {capture_id!r}: it was released, expired, or never existed") from None
+
+    def release(self, capture_id: str) -> bool:
+        return self.registry.release(capture_id)
+
+
+def shm_entries(capture: Any, handle: dict) -> dict:
+    """Entries that describe each hook's array in the Arrow stream instead of carrying data."""
+    out: dict = {}
+    for rec in capture.hooks:
+        if not rec.steps:
+            continue
+        out.setdefault(rec.hook_id, []).append({
+            "hook_id": rec.hook_id, "layer_name": rec.layer_name, "layer_index": rec.layer_index,
+            "component": rec.component, "shape": [int(d) for d in stored_shape(rec)], "dtype": rec.dtype,
+            "is_input": rec.is_input, "module_path": rec.module_path, "steps": len(rec.steps), "handle": handle,
+        })
+    return out

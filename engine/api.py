@@ -1,0 +1,154 @@
+"""The engine's public API: a loaded model that generates and captures, with no server.
+
+For same-host Python (a notebook, a script) and for control/, which serves it over HTTP:
+
+    import engine
+    model = engine.load("default")  # or a model folder, a .gguf file, a Hugging Face repo id
+    hook = model.register_activation_hook(layer_name="transformer.h.5", component="residual")
+    out = model.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0)
+    out.text, out.activations[hook]  # [positions, 576]: the prompt, then every generated token
+    for event in model.stream(prompt="Once upon a time", max_tokens=8):
+        print(event.text, end="")
+
+`generate`/`stream` are conveniences over the two steps control/ uses: `plan(...)` resolves
+and checks a request (no MLX work; any thread) and `run(plan)` generates (one thread at a
+time, the MLX one). Errors are engine.errors' InvalidArgument family, naming the argument.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from engine.errors import InvalidArgument
+from engine.generate import Completion, TokenEvent, generate
+from engine.hooks import hook_points, resolve_hook
+from engine.model import LoadedModel, ModelInfo, load_model
+from engine.params import CaptureOptions, HookSpec, SamplingParams, parse
+from engine.plan import GenerationPlan, plan
+from engine.progress import Progress
+
+__all__ = ["load", "Model", "Completion", "TokenEvent", "GenerationPlan", "REGISTERED"]
+
+
+class _Registered:
+    def __repr__(self) -> str:
+        return "<registered hooks>"
+
+
+REGISTERED: Any = _Registered()  # `hooks=` default of generate/stream: the model's registered hooks
+
+
+def load(model_path: str = "default", model_id: str | None = None, *, progress: Progress | None = None) -> "Model":
+    """Load a model: "default" (SmolLM2-135M-Instruct, fetched and converted once), an mlx-lm
+    folder, a .gguf file (converted once to float32) or a Hugging Face repo id (online)."""
+    from engine.default_model import MODEL_ID, default_model_dir, ensure_default_model
+
+    if model_path == "default":
+        model_path = str(ensure_default_model())
+        model_id = model_id or MODEL_ID
+    elif isinstance(model_path, str) and model_path.strip() and \
+            Path(model_path).expanduser().resolve() == default_model_dir().resolve():
+        model_id = model_id or MODEL_ID  # the same id however the default model is named
+    return Model(load_model(model_path, model_id, progress=progress))
+
+
+class Model:
+    """A loaded model, its registered activation hooks, and generation.
+
+    Registered hooks are captured by `generate`/`stream` unless they are given other hooks; a
+    plan snapshots them, so registering while a generation runs affects only later ones."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm  # for engine-internal use (capture, benchmarks)
+        self._hooks: tuple[HookSpec, ...] = ()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"<engine.Model {i.model_id} ({i.architecture}, {i.n_layers} layers, d_model {i.d_model})>"
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.lm.info
+
+    # --- activation hooks ---------------------------------------------------------------
+    @property
+    def activation_hooks(self) -> list[HookSpec]:
+        """The registered hooks, in registration order, each with its hook_id."""
+        return list(self._hooks)
+
+    def register_activation_hook(self, layer_name: str, component: str | None = None, *, hook_id: str | None = None,
+                                 capture_input: bool = False, capture_output: bool = True) -> str:
+        """Register a hook for later generations; returns its id (default: the TransformerLens
+        name, or `<layer_name>.<component>`). Checked now: UnknownHook for a name the model
+        does not have, InvalidArgument for other mistakes (an id already registered...)."""
+        spec = parse(HookSpec, None, layer_name=layer_name, component=component, hook_id=hook_id,
+                     capture_input=capture_input, capture_output=capture_output)
+        targets = resolve_hook(self.lm, spec)
+        spec = spec.model_copy(update={"hook_id": targets[0].hook_id})
+        with self._lock:
+            if any(h.hook_id == spec.hook_id for h in self._hooks):
+                raise InvalidArgument(f"hook_id {spec.hook_id!r} is already registered; unregister it first or give "
+                                      "this hook another hook_id", "hook_id")
+            self._hooks = (*self._hooks, spec)
+        return spec.hook_id
+
+    def unregister_activation_hook(self, hook_id: str) -> None:
+        with self._lock:
+            kept = tuple(h for h in self._hooks if h.hook_id != hook_id)
+            if len(kept) == len(self._hooks):
+                known = ", ".join(repr(h.hook_id) for h in self._hooks) or "none"
+                raise InvalidArgument(f"no registered hook {hook_id!r}; registered: {known}", "hook_id")
+            self._hooks = kept
+
+    def clear_activation_hooks(self) -> int:
+        """Unregister every hook; returns how many there were."""
+        with self._lock:
+            n, self._hooks = len(self._hooks), ()
+        return n
+
+    def hook_points(self) -> list[dict]:
+        """Every tensor this model can capture: TransformerLens name, aliases, module path,
+        layer, component, direction and shape per token (engine.hooks.hook_points)."""
+        return hook_points(self.lm)
+
+    # --- generation -------------------------------------------------------------------------
+    def plan(self, *, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
+             sampling: SamplingParams | None = None, hooks: Iterable[HookSpec | dict] | None = None,
+             capture: CaptureOptions | None = None, capture_budget_bytes: int | None = None) -> GenerationPlan:
+        """Resolve and check a request (engine.plan.plan); `hooks=None` captures nothing."""
+        return plan(self.lm, messages=messages, prompt=prompt, sampling=sampling, hooks=hooks, capture=capture,
+                    capture_budget_bytes=capture_budget_bytes)
+
+    def run(self, plan: GenerationPlan, deadline: float | None = None) -> Iterator[TokenEvent]:
+        """Generate a plan: one TokenEvent per token, the last one with `result`. Closing the
+        iterator early stops the generation and removes the capture. Past `deadline`
+        (time.monotonic()) it finishes early with finish_reason "length"."""
+        if plan.lm is not self.lm:
+            raise InvalidArgument("this plan was made for another model; plan it again on this one", "plan")
+        return generate(plan, deadline)
+
+    def stream(self, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
+               hooks: Iterable[HookSpec | dict] | None = REGISTERED, positions: str = "all", dtype: str = "float32",
+               **sampling: Any) -> Iterator[TokenEvent]:
+        """Plan (checked now, before the first token) and run; sampling keyword arguments are
+        SamplingParams' (max_tokens, temperature, top_p, top_k, seed, stop)."""
+        return self.run(self._plan(messages, prompt, hooks, positions, dtype, sampling))
+
+    def generate(self, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
+                 hooks: Iterable[HookSpec | dict] | None = REGISTERED, positions: str = "all",
+                 dtype: str = "float32", **sampling: Any) -> Completion:
+        """`stream` to the end: the Completion (text, token ids, finish reason, activations)."""
+        event = None
+        for event in self.stream(messages, prompt, hooks, positions, dtype, **sampling):
+            pass
+        return event.result
+
+    def _plan(self, messages, prompt, hooks, positions, dtype, sampling: dict) -> GenerationPlan:
+        params = parse(SamplingParams, None, **sampling)
+        options = parse(CaptureOptions, None, positions=positions, dtype=dtype)
+        if hooks is REGISTERED:
+            hooks = self._hooks  # a snapshot: the tuple is replaced, never changed
+        return self.plan(messages=messages, prompt=prompt, sampling=params, hooks=hooks, capture=options)
