@@ -115,6 +115,9 @@ TL_GLOBAL_HOOKS = {
 EMBED_NAMES = {EMBEDDING_LAYER, "model.embed_tokens", "model.wte", "embed_tokens", "wte", "embed", "embedding"}
 FINAL_NORM_NAMES = {FINAL_NORM_LAYER, "model.norm", "model.ln_f", "ln_f", "norm", "ln_final"}
 LAYER_NAME = re.compile(r"^(?:transformer\.h|model\.layers|model\.h|layers|h|blocks)\.(\d+)(?:\.(.+))?$")
+# Every name the grammar can accept (for schemas; which layer indices exist depends on the model).
+LAYER_NAME_PATTERN = "|".join([LAYER_NAME.pattern] + [
+    "^" + re.escape(n) + "$" for n in sorted({*TL_GLOBAL_HOOKS, *EMBED_NAMES, *FINAL_NORM_NAMES})])
 
 NAMES_HELP = (
     "layer names: model.layers.N or transformer.h.N (optionally .self_attn/.attn, .mlp, .input_layernorm/.ln_1, "

@@ -239,9 +239,9 @@ def routes(s: Server) -> list[Route]:
         Route("/v1/activations/hooks/clear", s.clear_hooks, methods=["POST"]),
         Route("/v1/activations/points", s.points, methods=["GET"]),
         Route("/v1/activations", s.list_captures, methods=["GET"]),
-        Route("/v1/activations/{capture_id}", s.get_capture, methods=["GET"]),
-        Route("/v1/activations/{capture_id}", s.release_capture, methods=["DELETE"]),
-        Route("/v1/activations/{capture_id}/release", s.release_capture, methods=["POST"]),
+        Route("/v1/activations/{capture_id:capture_id}", s.get_capture, methods=["GET"]),
+        Route("/v1/activations/{capture_id:capture_id}", s.release_capture, methods=["DELETE"]),
+        Route("/v1/activations/{capture_id:capture_id}/release", s.release_capture, methods=["POST"]),
     ]
     return table
 

@@ -9,10 +9,31 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from starlette.convertors import Convertor, register_url_convertor
+
 from control.errors import CaptureTooLarge, NotFound
 from control.inline import inline_activations
 from shm import CaptureBudgetExceeded, ShmRegistry, ShmSpaceError, UnknownSegment, write_capture
 from shm.writer import stored_shape
+
+
+CAPTURE_ID_PATTERN = "^cap_[0-9a-f]{16}$"  # engine.generate makes them: "cap_" + 8 random bytes in hex
+
+
+class CaptureIdConvertor(Convertor):
+    """`{capture_id:capture_id}` in a route: only capture ids match, so /v1/activations/points
+    is never taken for a capture."""
+
+    regex = CAPTURE_ID_PATTERN.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("capture_id", CaptureIdConvertor())
 
 
 class Delivery:

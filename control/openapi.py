@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic.json_schema import models_json_schema
 from starlette.routing import Route
 
+from control.delivery import CAPTURE_ID_PATTERN
 from control.schemas import ActivationChatRequest, ChatRequest, LoadModelRequest, RegisterHooksRequest
 
 # handler name -> its request body
@@ -38,7 +39,7 @@ _ACTIVATIONS = {**_COMPLETION, "required": [*_COMPLETION["required"], "activatio
                     "capture": {"type": "object", "required": ["capture_id", "handle"],
                                 "properties": {"capture_id": {"type": "string"}, "handle": {"type": "object"}}},
                 }}
-_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+_SSE = {"text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}}}}}
 
 # (handler name) -> 200 content
 _OK_CONTENT = {
@@ -61,6 +62,7 @@ def openapi_spec(routes: list[Route]) -> dict:
     seen: set[str] = set()
     for route in routes:
         name = route.endpoint.__name__
+        path = route.path.replace("{capture_id:capture_id}", "{capture_id}")
         for method in sorted(route.methods - {"HEAD"}):
             op_id = name if name not in seen else f"{name}_{method.lower()}"
             seen.add(op_id)
@@ -79,13 +81,13 @@ def openapi_spec(routes: list[Route]) -> dict:
                             "content": {"application/json": {"schema": _ERROR}}},
                 },
             }
-            if "{capture_id}" in route.path:
+            if "{capture_id}" in path:
                 op["parameters"] = [{"name": "capture_id", "in": "path", "required": True,
-                                     "schema": {"type": "string"}}]
+                                     "schema": {"type": "string", "pattern": CAPTURE_ID_PATTERN}}]
             if name in BODIES:
                 ref = defs_mapping[(BODIES[name], "validation")]
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
-            paths.setdefault(route.path, {})[method.lower()] = op
+            paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "nsbridge", "version": "0.2.0",

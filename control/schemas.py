@@ -78,7 +78,7 @@ class ActivationChatRequest(ChatRequest):
 
 class LoadModelRequest(BaseModel):
     model_config = _CLOSED
-    model_path: str = Field(min_length=1, pattern=r"\S", description='a model folder, a .gguf file, or "default"')
+    model_path: str = Field(pattern=r"^[^\x00]*[^\s\x00][^\x00]*$", description='a model folder, a .gguf file, or "default"')
     model_id: Optional[str] = None
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import WithJsonSchema, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from engine.errors import InvalidArgument
-from vocabulary import COMPONENT_NAMES, DTYPES, POSITIONS
+from vocabulary import COMPONENT_NAMES, DTYPES, LAYER_NAME_PATTERN, POSITIONS
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -44,7 +44,9 @@ class HookSpec(BaseModel):
 
     model_config = _STRICT
 
-    layer_name: str = Field(min_length=1, examples=["transformer.h.5", "blocks.3.attn.hook_pattern"])
+    # The grammar is checked when the hook is resolved, with a message that lists the valid
+    # names; the pattern is for the schema's readers (and fuzzers).
+    layer_name: str = Field(min_length=1, json_schema_extra={"pattern": LAYER_NAME_PATTERN}, examples=["transformer.h.5", "blocks.3.attn.hook_pattern"])
     # Checked against the vocabulary when the hook is resolved (an UnknownHook that lists the
     # components); the enum is for the schema's readers.
     component: Optional[Annotated[str, WithJsonSchema({"type": "string", "enum": list(COMPONENT_NAMES)})]] = None
