@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--capture-budget", type=_size, default=2 << 30,
                        help="largest capture one request may ask for (default 2G)")
     serve.add_argument("--queue-size", type=int, default=16, help="requests waiting before 503 (default 16)")
+    serve.add_argument("--max-tokens-per-request", type=int, metavar="N",
+                       help="refuse requests whose max_tokens is over N (400); default: the context decides")
+    serve.add_argument("--max-seconds-per-request", type=float, metavar="S",
+                       help="end a generation after S seconds of wall time (finish_reason 'length')")
     serve.add_argument("--log-level", default="info")
     sub.add_parser("fetch-default", help="download and convert the default model into the cache")
     args = parser.parse_args(argv)
@@ -75,7 +79,9 @@ def serve_command(args) -> int:
     log.info("BLAS in use: %s", BLAS_IN_USE)
     config = AppConfig(
         service=ServiceConfig(allowed_model_dirs=args.allow_model_dir, allow_any_model=bool(args.api_key),
-                              capture_budget_bytes=args.capture_budget, queue_size=args.queue_size),
+                              capture_budget_bytes=args.capture_budget, queue_size=args.queue_size,
+                              max_tokens_per_request=args.max_tokens_per_request,
+                              max_seconds_per_request=args.max_seconds_per_request),
         api_key=args.api_key, cors_origins=args.cors_origin, allowed_hosts=args.allowed_host,
         bound_host=args.host, max_body_bytes=args.max_body_size, shm_ttl_s=args.shm_ttl,
         shm_budget_bytes=args.shm_budget, state_dir=args.state_dir,

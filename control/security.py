@@ -137,7 +137,8 @@ class CallerGuard:
                 await refuse(scope, send, 400, "host_not_allowed", self._host_message(host), "invalid_request_error")
                 return
         # No Host at all is HTTP/1.0 from a program: browsers always send one, so rebinding cannot produce it.
-        scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+        scheme = scope.get("scheme", "http")
+        scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)  # handshakes carry http(s) origins
         own_origin = f"{scheme}://{hosts[0].strip().lower()}" if hosts else None
         for origin in headers.get(b"origin", []):
             if not self._origin_allowed(origin, own_origin):
@@ -235,7 +236,7 @@ class BodyGuard:
         try:
             await self.app(scope, counted_receive, guarded_send)
         except BodyTooLarge:
-            if not refused:
+            if not refused:  # the app answered before reading its whole body: too late for a 413
                 raise
 
     def _too_large(self) -> str:
