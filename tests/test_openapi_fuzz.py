@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 ST = Path(sys.executable).parent / "st"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # its own server: the fuzzer loads models and registers hooks
 def fuzz_server(tiny_llama_path, tmp_path_factory):
     server = ServerProcess(str(tiny_llama_path), tmp_path_factory.mktemp("fuzz-server"),
                            extra=["--allow-model-dir", str(tiny_llama_path.parent.parent)])
