@@ -90,11 +90,17 @@ def rename_param(arg: str | None, fields: dict[str, str] | None) -> str | None:
     return arg
 
 
-def from_engine(exc: engine_errors.EngineError, fields: dict[str, str] | None = None) -> HTTPError:
-    """The HTTP form of an engine error, with its argument renamed to the request's field."""
+def from_engine(exc: engine_errors.EngineError, fields: dict[str, str] | None = None,
+                prefix: str | None = None) -> HTTPError:
+    """The HTTP form of an engine error, with its argument renamed to the request's field
+    (`fields`), or placed under `prefix` (an argument of one item of a request's list)."""
     status, type_, code = next(ENGINE_ERRORS[c] for c in type(exc).__mro__ if c in ENGINE_ERRORS)
-    err = HTTPError(rename_param(exc.message, fields) if exc.arg and exc.message.startswith(exc.arg) else exc.message,
-                    rename_param(exc.arg, fields))
+    param = rename_param(exc.arg, fields)
+    if prefix is not None:
+        param = f"{prefix}.{param}" if param else prefix
+    err = HTTPError(f"{prefix}: {exc.message}" if prefix else
+                    rename_param(exc.message, fields) if exc.arg and exc.message.startswith(exc.arg) else exc.message,
+                    param)
     err.status, err.type, err.code = status, type_, code
     return err
 

@@ -138,7 +138,7 @@ class ModelService:
                 try:
                     model.register_activation_hook(**spec.model_dump(exclude_none=True))
                 except EngineError as exc:
-                    raise from_engine(exc, {"": f"hooks[{i}]"}) from exc
+                    raise from_engine(exc, prefix=f"hooks[{i}]") from exc
         except Exception:
             model.clear_activation_hooks()
             for spec in previous:

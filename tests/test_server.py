@@ -602,8 +602,10 @@ def test_hooks_register_rejects_bad_hooks_and_keeps_old_ones(base, clean_hooks):
     good = [{"layer_name": "transformer.h.0", "component": "residual", "hook_id": "keep"}]
     assert requests.post(base + "/v1/activations/hooks", json={"hooks": good}, timeout=10).status_code == 200
     err = assert_error(requests.post(base + "/v1/activations/hooks", json={"hooks": [
-        {"layer_name": "transformer.h.99", "component": "residual"}]}, timeout=10), 400, "unknown_hook")
-    assert "0 to 2" in err["message"]
+        {"layer_name": "transformer.h.0", "component": "mlp"},
+        {"layer_name": "transformer.h.99", "component": "residual"}]}, timeout=10), 400, "unknown_hook",
+        param="hooks[1].layer_name")  # the field of this endpoint, not activation_hooks[...]
+    assert "0 to 2" in err["message"] and err["message"].startswith("hooks[1]")
     assert_error(requests.post(base + "/v1/activations/hooks", json={"hooks": "residual"}, timeout=10), 400)
     assert_error(requests.post(base + "/v1/activations/hooks", json={}, timeout=10), 400)
     assert_error(requests.post(base + "/v1/activations/hooks", data=b"[]", headers=JSON, timeout=10), 400, "malformed_request")
