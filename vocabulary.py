@@ -26,13 +26,13 @@ class Component:
     """What one kind of captured tensor is.
 
     `sizes` names the per-token axes in stored (token-major) order; each is a model dimension
-    (`d_model`, `d_head`, `n_heads`, `n_kv_heads`) or `key`, the key axis of attention, which
+    (`d_model`, `d_head`, `d_mlp`, `n_heads`, `n_kv_heads`) or `key`, the key axis of attention, which
     grows with the sequence. The engine's per-step arrays put the tokens on `token_axis`:
     0 for vectors ([T, d_model]), 1 for per-head tensors ([heads, T, ...]).
     """
 
     name: str
-    site: str  # where the engine takes it: embed | block | attn | mlp | ln1 | ln2 | lnf | sdpa
+    site: str  # where the engine takes it: embed | block | attn | mlp | ln1 | ln2 | lnf | sdpa | mlp_post
     sizes: tuple[str, ...]
     token_axis: int
     has_input: bool  # a module input exists (capture_input applies)
@@ -68,10 +68,22 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("key", "sdpa", ("n_kv_heads", "d_head"), 1, False, description="keys after RoPE, per KV head"),
     Component("query", "sdpa", ("n_heads", "d_head"), 1, False, description="queries after RoPE, per head"),
     Component("value", "sdpa", ("n_kv_heads", "d_head"), 1, False, description="values, per KV head"),
+    Component("head_output", "sdpa", ("n_heads", "d_head"), 1, False,
+              description="each head's attention output (pattern @ values), before the output projection"),
+    Component("mlp_activation", "mlp_post", ("d_mlp",), 0, False,
+              description="the MLP's hidden activation (after the nonlinearity and the gate): its neurons, "
+                          "what the down projection receives"),
 )}
 COMPONENT_NAMES = tuple(COMPONENTS)
 ATTENTION_INTERNALS = tuple(c.name for c in COMPONENTS.values() if c.site == "sdpa")
 KEY_PADDED = tuple(c.name for c in COMPONENTS.values() if c.key_pad is not None)
+
+# Interventions: what may change a tensor, and which tokens of the sequence it applies to.
+# Scores and patterns are not interventable: the fused attention kernel never materialises
+# them, so changing a copy would change nothing (use query, key, value or head_output).
+INTERVENTION_OPS = ("zero", "scale", "add", "set", "project_out", "clamp", "patch")
+INTERVENTION_POSITIONS = ("all", "prompt", "generated")
+NOT_INTERVENABLE = KEY_PADDED
 
 POSITIONS = ("all", "last", "prompt", "generated")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -89,7 +101,8 @@ SUBMODULES = {
     "post_attention_layernorm": "ln2", "ln_2": "ln2", "ln2": "ln2",
 }
 _SITE_COMPONENTS = {
-    "attn": ("attention",) + ATTENTION_INTERNALS, "mlp": ("mlp",), "ln1": ("layernorm",), "ln2": ("layernorm",),
+    "attn": ("attention",) + ATTENTION_INTERNALS, "mlp": ("mlp", "mlp_activation"), "ln1": ("layernorm",),
+    "ln2": ("layernorm",),
 }
 # TransformerLens hook name (after `blocks.N.`) -> (site, component, is_input)
 TL_BLOCK_HOOKS = {
@@ -105,6 +118,8 @@ TL_BLOCK_HOOKS = {
     "attn.hook_v": ("sdpa", "value", False),
     "attn.hook_attn_scores": ("sdpa", "attention_scores", False),
     "attn.hook_pattern": ("sdpa", "attention_pattern", False),
+    "attn.hook_z": ("sdpa", "head_output", False),
+    "mlp.hook_post": ("mlp_post", "mlp_activation", False),
     "ln1.hook_normalized": ("ln1", "layernorm", False),
     "ln2.hook_normalized": ("ln2", "layernorm", False),
 }
@@ -183,7 +198,8 @@ def resolve_name(layer_name: str, component: str | None, n_layers: int) -> Site:
         raise VocabularyError(
             f"component {component!r} is not part of {layer_name!r}; there: {', '.join(_SITE_COMPONENTS[site])}",
             "component")
-    return Site(COMPONENTS[component].site if component in ATTENTION_INTERNALS else site, layer, component, None)
+    # The sub-module decides which norm; every other component has one site.
+    return Site(site if component == "layernorm" else COMPONENTS[component].site, layer, component, None)
 
 
 def _agree(implied: str, requested: str | None, layer_name: str) -> str:
@@ -193,9 +209,22 @@ def _agree(implied: str, requested: str | None, layer_name: str) -> str:
     return implied
 
 
+def intervention_refusal(site: Site) -> tuple[str, str] | None:
+    """Why a resolved tensor cannot be intervened on, and the field at fault; None if it can."""
+    if site.component in NOT_INTERVENABLE:
+        return (f"{site.component} cannot be intervened on: the fused attention kernel never materialises it, so a "
+                "changed copy would change nothing; intervene on query, key, value or head_output instead",
+                "component")
+    if site.site == "ln2" and site.is_input:
+        return ("hook_resid_mid is what the MLP's norm receives: changing it would not change the residual stream; "
+                f"intervene on blocks.{site.layer}.hook_attn_out or blocks.{site.layer + 1}.hook_resid_pre instead",
+                "layer_name")
+    return None
+
+
 def per_token_shape(component: str, dims: Mapping[str, int]) -> list[int]:
     """Stored (token-major) shape of one token's tensor; the key axis is -1 (the sequence so far).
-    `dims` holds the model's d_model, d_head, n_heads and n_kv_heads."""
+    `dims` holds the model's d_model, d_head, d_mlp, n_heads and n_kv_heads."""
     return [-1 if s == "key" else int(dims[s]) for s in COMPONENTS[component].sizes]
 
 

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Iterable, Iterator
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import requests
@@ -131,6 +134,32 @@ class ChatCompletion(dict):
         choices = self.get("choices") or [{}]
         return choices[0].get("finish_reason")
 
+    @property
+    def interventions(self) -> list[dict]:
+        """The server's report of the interventions sent: [{index, layer_name, component, op,
+        positions_touched: [count per forward step; step 0 = the prompt]}] ([] when none were sent)."""
+        return list(self.get("interventions") or [])
+
+    @property
+    def baseline(self) -> "ChatCompletion | None":
+        """The same request without interventions (sent with `baseline=True`), as a
+        ChatCompletion ({choices, usage} plus this completion's id/model), or None."""
+        base = self.get("baseline")
+        if not isinstance(base, dict):
+            return None
+        return ChatCompletion({"id": self.get("id"), "object": "chat.completion", "created": self.get("created"),
+                               "model": self.get("model"), **base})
+
+    @property
+    def logprobs(self) -> list[dict] | None:
+        """choices[0].logprobs["content"]: one entry per generated token ({token, logprob, bytes,
+        token_id, top_logprobs, target_logprobs?}), or None when log-probabilities were not asked for."""
+        choices = self.get("choices") or [{}]
+        lp = choices[0].get("logprobs")
+        if not isinstance(lp, dict):
+            return None
+        return lp.get("content")
+
 
 class ActivationResult(ChatCompletion):
     """A completion with inline activations: `result["activations"]`, `result["tokens"]`,
@@ -218,6 +247,18 @@ class ShmCapture:
     @property
     def hook_ids(self) -> list[str]:
         return list(self._view().hooks)
+
+    @property
+    def interventions(self) -> list[dict]:
+        return self.response.interventions
+
+    @property
+    def baseline(self) -> "ChatCompletion | None":
+        return self.response.baseline
+
+    @property
+    def logprobs(self) -> list[dict] | None:
+        return self.response.logprobs
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -364,7 +405,11 @@ def _iter_sse(resp: requests.Response) -> Iterator[dict]:
 
 
 class ChatStream:
-    """Iterate for the text deltas (str) of a streamed chat completion."""
+    """Iterate for the text deltas (str) of a streamed chat completion.
+
+    Also gathered while iterating: `logprobs` (the content entries of every chunk, when asked
+    for, else None), `interventions` (the report, sent after the last token) and `baseline`
+    (a ChatCompletion, with `baseline=True`)."""
 
     def __init__(self, resp: requests.Response):
         self._resp = resp
@@ -373,14 +418,24 @@ class ChatStream:
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.chunks: list[dict] = []
+        self.logprobs: list[dict] | None = None
+        self.interventions: list[dict] = []
+        self.baseline: ChatCompletion | None = None
 
     def __iter__(self) -> Iterator[str]:
         try:
             for chunk in self._events:
                 self.chunks.append(chunk)
                 self.usage = chunk.get("usage") or self.usage
+                if chunk.get("interventions"):
+                    self.interventions = list(chunk["interventions"])
+                if isinstance(chunk.get("baseline"), dict):
+                    self.baseline = ChatCompletion({"model": chunk.get("model"), **chunk["baseline"]})
                 for choice in chunk.get("choices") or []:
                     self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                    lp = choice.get("logprobs")
+                    if isinstance(lp, dict):
+                        self.logprobs = (self.logprobs or []) + list(lp.get("content") or [])
                     delta = (choice.get("delta") or {}).get("content")
                     if delta:
                         self.text += delta
@@ -420,6 +475,9 @@ class ActivationStream:
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.capture: ShmCapture | None = None
+        self.logprobs: list[dict] | None = None
+        self.interventions: list[dict] = []
+        self.baseline: dict | None = None
 
     def __iter__(self) -> Iterator[StreamEvent]:
         if self._started:
@@ -438,6 +496,14 @@ class ActivationStream:
                     self.finish_reason = event.finish_reason
                 if event.usage:
                     self.usage = event.usage
+                if chunk.get("interventions"):
+                    self.interventions = list(chunk["interventions"])
+                if isinstance(chunk.get("baseline"), dict):
+                    self.baseline = chunk["baseline"]
+                for choice in chunk.get("choices") or []:
+                    lp = choice.get("logprobs")
+                    if isinstance(lp, dict):
+                        self.logprobs = (self.logprobs or []) + list(lp.get("content") or [])
                 if chunk.get("capture") and self.transport == "shm":
                     # entries there carry handles, not data: the capture holds the arrays
                     event.activations = {}
@@ -460,18 +526,30 @@ class ActivationStream:
         if self.transport == "shm" and self.capture is not None:
             if self.usage:
                 self.capture.response.setdefault("usage", self.usage)
+            self.capture.response.update(self._extras())
             return self.capture
         out = self._completion({"tokens": self.tokens or [], "activations": self.activations})
         if self.usage:
             out["usage"] = self.usage
+        out.update(self._extras())
         return ActivationResult(out)
+
+    def _extras(self) -> dict:
+        """What the stream carried besides tokens and activations, in the non-streamed places."""
+        out: dict = {}
+        if self.interventions:
+            out["interventions"] = self.interventions
+        if self.baseline is not None:
+            out["baseline"] = self.baseline
+        return out
 
     def _completion(self, extra: dict) -> dict:
         """A chat.completion built from what the stream carried so far."""
         out = {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text},
-                         "logprobs": None, "finish_reason": self.finish_reason}],
+                         "logprobs": None if self.logprobs is None else {"content": list(self.logprobs)},
+                         "finish_reason": self.finish_reason}],
         }
         for key in ("tokens", "capture", "activations", "token_ids", "usage"):
             if key in extra:
@@ -509,6 +587,137 @@ def _hooks(hooks: Iterable | None) -> list[dict] | None:
         else:
             raise TypeError(f"a hook must be a dict or a hook name, not {type(h).__name__}")
     return out
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy arrays and scalars inside a request body -> plain lists and numbers (exact: a
+    float32 widens to a float64 that reads back as the same float32)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _interventions(interventions: Iterable | None) -> list[dict] | None:
+    """Intervention specs as the server takes them: dicts (or objects with `to_dict()`); numpy
+    vectors become lists; a stored vector's description (what `create_vector` returns) given as
+    `vector_id` becomes its id; a patch `source.capture_id` may be a ShmCapture or a response."""
+    if interventions is None:
+        return None
+    if isinstance(interventions, dict):
+        interventions = [interventions]
+    out = []
+    for spec in interventions:
+        if hasattr(spec, "to_dict") and not isinstance(spec, dict):
+            spec = spec.to_dict()
+        if not isinstance(spec, dict):
+            raise TypeError(f"an intervention must be a dict, not {type(spec).__name__}")
+        spec = dict(spec)
+        if isinstance(spec.get("vector_id"), dict):
+            spec["vector_id"] = spec["vector_id"]["vector_id"]
+        source = spec.get("source")
+        if isinstance(source, dict) and "capture_id" in source and not isinstance(source["capture_id"], str):
+            spec["source"] = {**source, "capture_id": _capture_id(source["capture_id"])}
+        out.append(_jsonable(spec))
+    return out
+
+
+def _generation_fields(interventions: Iterable | None, baseline: bool, logprobs: bool | None,
+                       top_logprobs: int | None, logprob_token_ids: Iterable[int] | None) -> dict:
+    """The intervention, baseline and log-probability fields of a request, only those given."""
+    body: dict = {}
+    specs = _interventions(interventions)
+    if specs is not None:
+        body["interventions"] = specs
+    if baseline:
+        body["baseline"] = True
+    if logprobs is not None:
+        body["logprobs"] = bool(logprobs)
+    if top_logprobs is not None:
+        body["top_logprobs"] = int(top_logprobs)
+    if logprob_token_ids is not None:
+        body["logprob_token_ids"] = [_token_id(t) for t in logprob_token_ids]
+    return body
+
+
+def _token_id(token: Any) -> int:
+    """A token id (int or numpy integer). Strings are refused: the server has no tokenize
+    endpoint, so pick ids from a response's `token_ids`/`logprobs` or from the model's tokenizer."""
+    if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+        raise TypeError(f"a token must be given as its id (an int), not {type(token).__name__} {token!r}; "
+                        "the server has no tokenize endpoint: take ids from a response's token_ids or "
+                        "logprobs, or from the model's tokenizer")
+    return int(token)
+
+
+def _vector_id(vector: Any) -> str:
+    if isinstance(vector, str):
+        return vector
+    if isinstance(vector, dict) and isinstance(vector.get("vector_id"), str):
+        return vector["vector_id"]
+    raise TypeError(f"cannot tell the vector id of {type(vector).__name__}")
+
+
+def _describe_vector(desc: dict) -> dict:
+    """A GET /v1/vectors/{id} answer with `vector` as a float32 array of `shape`."""
+    out = dict(desc)
+    if "vector" in out:
+        a = np.asarray(out["vector"], dtype=np.float32)
+        shape = out.get("shape")
+        out["vector"] = a.reshape(tuple(shape)) if shape else a
+    return out
+
+
+# TransformerLens hook names of the sites a patching sweep can patch.
+PATCH_SITES = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "head": "blocks.{layer}.attn.hook_z",
+}
+
+
+@dataclass
+class PatchingResult:
+    """The outcome of `LMStudioNeuroScopeClient.patching_sweep`.
+
+    `clean` / `corrupted`: the logit differences logit(target) - logit(foil) of the two prompts
+    unpatched; `effects[i]` (site "head": `effects[i, h]`): the corrupted run's logit difference
+    with `site` of layer `layers[i]` (head h) patched from the clean run; `normalized`:
+    (effects - corrupted) / (clean - corrupted), 1 = the patch restores the clean behaviour,
+    0 = no effect (NaN where clean == corrupted)."""
+
+    clean: float
+    corrupted: float
+    effects: np.ndarray
+    normalized: np.ndarray
+    site: str
+    layers: list[int]
+    heads: list[int] | None = None
+    hook_names: list[str] = field(default_factory=list)
+    target: int | None = None
+    foil: int | None = None
+    positions: Any = "prompt"
+
+    def to_dict(self) -> dict:
+        """A JSON-able form (arrays as nested lists; NaN as None)."""
+
+        def clean_list(a: np.ndarray) -> Any:
+            return [clean_list(x) for x in a] if a.ndim > 1 else [None if not math.isfinite(v) else float(v)
+                                                                   for v in a.tolist()]
+
+        heads = None if self.heads is None else list(self.heads)
+        return {"site": self.site, "layers": list(self.layers), "heads": heads,
+                "hook_names": list(self.hook_names), "target": self.target, "foil": self.foil,
+                "positions": self.positions, "clean": self.clean, "corrupted": self.corrupted,
+                "effects": clean_list(np.asarray(self.effects, dtype=np.float64)),
+                "normalized": clean_list(np.asarray(self.normalized, dtype=np.float64))}
 
 
 def _capture_id(capture: Any) -> str:
@@ -603,12 +812,23 @@ class LMStudioNeuroScopeClient:
         return self.request("POST", "/v1/models/load", body)
 
     # --- chat -----------------------------------------------------------------------------
-    def chat(self, messages: Any, max_tokens: int = 256, temperature: float = 0.7, stream: bool = False,
+    def chat(self, messages: Any, max_tokens: int = 256, temperature: float = 0.7, stream: bool = False, *,
+             interventions: Iterable | None = None, baseline: bool = False, logprobs: bool | None = None,
+             top_logprobs: int | None = None, logprob_token_ids: Iterable[int] | None = None,
              **extra) -> ChatCompletion | ChatStream:
         """POST /v1/chat/completions. Returns the completion (a dict with `.text`), or with
-        `stream=True` a `ChatStream` that yields the text deltas."""
+        `stream=True` a `ChatStream` that yields the text deltas.
+
+        `interventions`: [{layer_name, component?, op, coefficient?, vector? | vector_id?, min?,
+        max?, positions?, heads?, indices?, source?}] (docs/interventions.md; numpy vectors are
+        fine) -> the report in `.interventions`. `baseline=True` also runs the request without
+        the interventions (same sampling and seed) -> `.baseline`. `logprobs`, `top_logprobs`
+        (OpenAI's) and `logprob_token_ids` (the log-probabilities of these token ids at every
+        generated token) -> `.logprobs`. Each is sent only when given."""
         body = {"messages": _messages(messages), "max_tokens": max_tokens, "temperature": temperature,
-                "stream": bool(stream), **extra}
+                "stream": bool(stream),
+                **_generation_fields(interventions, baseline, logprobs, top_logprobs, logprob_token_ids),
+                **extra}
         if stream:
             return ChatStream(self._raw("POST", "/v1/chat/completions", body, stream=True))
         return ChatCompletion(self.request("POST", "/v1/chat/completions", body))
@@ -617,6 +837,9 @@ class LMStudioNeuroScopeClient:
                                   max_tokens: int = 100, temperature: float = 0.7, stream: bool = False,
                                   transport: str = "inline", *, encoding: str | None = None,
                                   positions: str | None = None, dtype: str | None = None,
+                                  interventions: Iterable | None = None, baseline: bool = False,
+                                  logprobs: bool | None = None, top_logprobs: int | None = None,
+                                  logprob_token_ids: Iterable[int] | None = None,
                                   **extra) -> "ActivationResult | ShmCapture | ActivationStream":
         """POST /v1/chat/completions/with_activations.
 
@@ -626,8 +849,10 @@ class LMStudioNeuroScopeClient:
         `ShmCapture` (zero-copy arrays; close it). `stream=True` -> an `ActivationStream` of
         `StreamEvent`s. `encoding` ("json" | "base64"), `positions` ("all" | "last" | "prompt" |
         "generated") and `dtype` ("float32" | "float16" | "bfloat16") map to the request fields
-        activations_encoding, activation_positions and activation_dtype; other keyword
-        arguments (seed, top_p, stop, ...) are sent as they are."""
+        activations_encoding, activation_positions and activation_dtype. `interventions`,
+        `baseline`, `logprobs`, `top_logprobs` and `logprob_token_ids` as in `chat()` (the
+        capture records the intervened run). Other keyword arguments (seed, top_p, stop, ...)
+        are sent as they are."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         body: dict = {"messages": _messages(messages), "max_tokens": max_tokens, "temperature": temperature,
@@ -641,6 +866,7 @@ class LMStudioNeuroScopeClient:
                 body[key] = value
         if stream:
             body.setdefault("stream_options", {"include_usage": True})
+        body.update(_generation_fields(interventions, baseline, logprobs, top_logprobs, logprob_token_ids))
         body.update(extra)
         path = "/v1/chat/completions/with_activations"
         if stream:
@@ -705,6 +931,244 @@ class LMStudioNeuroScopeClient:
 
         return read_capture_bytes(self._capture_bytes(_capture_id(capture)))
 
+    # --- stored vectors -------------------------------------------------------------------
+    def create_vector(self, vector: Any = None, *, name: str | None = None, layer: int | None = None,
+                      data: bytes | str | None = None, dtype: str | None = None,
+                      shape: Sequence[int] | None = None, from_capture: dict | None = None) -> dict:
+        """POST /v1/vectors: store a vector on the server (it belongs to the loaded model) ->
+        its description {vector_id, name, shape, dtype, layer, source, created, norm}.
+
+        Exactly one source: `vector` (a list [n] / [heads, n], or a numpy array: sent exactly as
+        base64 little-endian float32, float16 arrays as float16), `data` (raw bytes or base64
+        text of `dtype` values, default dtype "float32", optional `shape`) or `from_capture`
+        ({capture_id, hook_id, reduce: "mean" | "last", positions: "all" | "prompt" |
+        "generated" | [..]}; capture_id may be a ShmCapture: the capture must still be live).
+        `name` and `layer` are labels. Use the id as an intervention's `vector_id`."""
+        given = [k for k, v in (("vector", vector), ("data", data), ("from_capture", from_capture)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of vector, data or from_capture (got {', '.join(given) or 'none'})")
+        body: dict = {}
+        if vector is not None:
+            if isinstance(vector, (list, tuple)):
+                if dtype is not None or shape is not None:
+                    raise ValueError("dtype and shape go with data (or a numpy array), not with a list")
+                body["vector"] = _jsonable(vector)
+            else:
+                body.update(_encode_array(np.asarray(vector), dtype))
+                if shape is not None:
+                    body["shape"] = [int(d) for d in shape]
+        elif data is not None:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                data = base64.b64encode(bytes(data)).decode("ascii")
+            body["data"] = data
+            body["dtype"] = dtype or "float32"
+            if shape is not None:
+                body["shape"] = [int(d) for d in shape]
+        else:
+            if not isinstance(from_capture, dict):
+                raise TypeError("from_capture must be a dict {capture_id, hook_id, reduce?, positions?}")
+            fc = dict(from_capture)
+            if "capture_id" in fc and not isinstance(fc["capture_id"], str):
+                fc["capture_id"] = _capture_id(fc["capture_id"])
+            body["from_capture"] = _jsonable(fc)
+        if name is not None:
+            body["name"] = name
+        if layer is not None:
+            body["layer"] = int(layer)
+        return self.request("POST", "/v1/vectors", body)
+
+    def list_vectors(self) -> list[dict]:
+        """GET /v1/vectors: the stored vectors' descriptions (without values)."""
+        return self.request("GET", "/v1/vectors").get("data", [])
+
+    def get_vector(self, vector_id: Any) -> dict:
+        """GET /v1/vectors/{id}: the description, with `vector` as an np.float32 array of `shape`.
+        `vector_id`: the id or a description. An unknown id raises NeuroScopeServerError (404)."""
+        return _describe_vector(self.request("GET", f"/v1/vectors/{_vector_id(vector_id)}"))
+
+    def delete_vector(self, vector_id: Any) -> dict:
+        """DELETE /v1/vectors/{id} -> {"vector_id", "status": "deleted"} (unknown id: 404)."""
+        return self.request("DELETE", f"/v1/vectors/{_vector_id(vector_id)}")
+
+    def import_control_vector(self, path_or_bytes: "str | Path | bytes", name: str | None = None) -> list[dict]:
+        """POST /v1/vectors {"controlvector"}: store a llama.cpp control-vector GGUF (a path or
+        its bytes) -> one description per layer, named "<name>.direction.N" (`name` defaults to
+        the file's stem, or "controlvector" for bytes). `layer` N is llama.cpp's direction.N, added to
+        the residual stream after layer N: use it as {"op": "add", "layer_name":
+        f"blocks.{N}.hook_resid_post", "vector_id": ...}."""
+        if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+            raw = bytes(path_or_bytes)
+        else:
+            raw = Path(path_or_bytes).read_bytes()
+            if name is None:  # as the server names a file it reads itself: "<stem>.direction.N"
+                name = Path(path_or_bytes).stem
+        body: dict = {"controlvector": base64.b64encode(raw).decode("ascii")}
+        if name is not None:
+            body["name"] = name
+        return self.request("POST", "/v1/vectors", body).get("data", [])
+
+    # --- interventions --------------------------------------------------------------------
+    def compare_with_baseline(self, messages: Any, interventions: Iterable,
+                              **kw) -> tuple[ChatCompletion, ChatCompletion]:
+        """One request with `interventions` and baseline=True -> (steered, baseline): the
+        intervened completion and the same request without interventions (same sampling and
+        seed; the server picks a seed for both when none is given). `kw` as in `chat()`."""
+        if kw.get("stream"):
+            raise ValueError("compare_with_baseline does not stream; use chat(..., baseline=True, stream=True)")
+        kw.pop("baseline", None)
+        steered = self.chat(messages, interventions=interventions, baseline=True, **kw)
+        base = steered.baseline
+        if base is None:
+            raise NeuroScopeError("the server sent no baseline (does it support interventions?)")
+        return steered, base
+
+    def logit_difference(self, messages: Any, target: int, foil: int, interventions: Iterable | None = None,
+                         **kw) -> float:
+        """logit(target) - logit(foil) at the first generated token (greedy, one token), from
+        the log-probabilities of both ids (log-softmax differences are logit differences).
+        `target`, `foil`: token ids (ints; the server has no tokenize endpoint: take ids from a
+        response's `token_ids` or `logprobs`, or from the model's tokenizer). `interventions`
+        change the run; other keyword arguments go to `chat()`."""
+        if kw.get("stream"):
+            raise ValueError("logit_difference does not stream")
+        t, f = _token_id(target), _token_id(foil)
+        kw.setdefault("max_tokens", 1)
+        kw.setdefault("temperature", 0.0)
+        resp = self.chat(messages, interventions=interventions, logprob_token_ids=[t] if t == f else [t, f], **kw)
+        return _logit_diff(resp, t, f)
+
+    def patching_sweep(self, clean: Any, corrupted: Any, target: int, foil: int, *, site: str = "resid_pre",
+                       layers: Iterable[int] | None = None, positions: Any = "prompt", **kw) -> PatchingResult:
+        """Activation patching, layer by layer (site "head": layer by layer and head by head).
+
+        (1) The clean prompt runs once with `site` captured at every layer into shared memory
+        (one token, greedy). (2) The corrupted prompt runs unpatched, then once per layer (per
+        layer and head) with that site patched from the clean capture at `positions` ("prompt"
+        by default, or "all" or a list of absolute positions); each run gives logit(target) -
+        logit(foil) at the first generated token. (3) The clean capture is released, also when
+        a step fails. Both prompts must have the same number of tokens.
+
+        `site`: "resid_pre" | "resid_post" | "attn_out" | "mlp_out" (blocks.N.hook_<site>) or
+        "head" (blocks.N.attn.hook_z, one head at a time); `layers`: default all (negative
+        indices count from the end); `target`, `foil`: token ids; `kw`: more request fields
+        (e.g. chat template options) sent with every request.
+
+            client = LMStudioNeuroScopeClient("http://127.0.0.1:8080")
+            clean = "When John and Mary went to the store, John gave the bag to"
+            corrupted = "When John and Mary went to the store, Mary gave the bag to"
+            mary, john = 17, 42  # token ids of " Mary" and " John" in this model's vocabulary
+            res = client.patching_sweep(clean, corrupted, mary, john, site="resid_pre")
+            res.clean, res.corrupted       # logit differences of the unpatched prompts
+            res.normalized                 # [n_layers]: 1 = patching this layer restores clean
+            heads = client.patching_sweep(clean, corrupted, mary, john, site="head")
+            heads.effects.shape            # (n_layers, n_heads)
+            json.dumps(heads.to_dict())
+        """
+        if site not in PATCH_SITES:
+            raise ValueError(f"site must be one of {', '.join(PATCH_SITES)}, not {site!r}")
+        t, f = _token_id(target), _token_id(foil)
+        ids = [t] if t == f else [t, f]
+        points = self.hook_points()
+        n_layers = int(points["n_layers"])
+        layer_list = _layer_indices(layers, n_layers)
+        heads = None
+        if site == "head":
+            heads = list(range(self._n_heads(points.get("model_id"))))
+        names = [PATCH_SITES[site].format(layer=i) for i in layer_list]
+        greedy = dict(max_tokens=1, temperature=0.0, logprob_token_ids=ids)
+        body = {"messages": _messages(clean), "max_tokens": 1, "temperature": 0.0, "stream": False,
+                "activations_transport": "shm", "activation_hooks": [{"layer_name": n, "hook_id": n} for n in names],
+                "logprob_token_ids": ids, **kw}
+        clean_resp = ChatCompletion(self.request("POST", "/v1/chat/completions/with_activations", body))
+        capture_id = clean_resp["capture"]["capture_id"]
+        failed = True
+        try:
+            clean_ld = _logit_diff(clean_resp, t, f)
+            corrupted_resp = self.chat(corrupted, **greedy, **kw)
+            corrupted_ld = _logit_diff(corrupted_resp, t, f)
+            n_clean = (clean_resp.get("usage") or {}).get("prompt_tokens")
+            n_corrupted = (corrupted_resp.get("usage") or {}).get("prompt_tokens")
+            if n_clean != n_corrupted:
+                raise ValueError(f"the clean prompt has {n_clean} tokens and the corrupted one {n_corrupted}: "
+                                 "patching needs prompts of the same length")
+            effects = np.full((len(layer_list),) if heads is None else (len(layer_list), len(heads)), np.nan)
+            for i, name in enumerate(names):
+                for j, h in enumerate(heads if heads is not None else [None]):
+                    spec = {"layer_name": name, "op": "patch", "source": {"capture_id": capture_id, "hook_id": name},
+                            "positions": positions}
+                    if h is not None:
+                        spec["heads"] = [h]
+                    resp = self.chat(corrupted, interventions=[spec], **greedy, **kw)
+                    effects[(i,) if h is None else (i, j)] = _logit_diff(resp, t, f)
+            failed = False
+        finally:
+            try:
+                self.release(capture_id)
+            except NeuroScopeError as exc:
+                # already gone (404) is fine; otherwise report it, unless an error is on its way out
+                if not failed and not (isinstance(exc, NeuroScopeServerError) and exc.status == 404):
+                    raise
+        denom = clean_ld - corrupted_ld
+        with np.errstate(divide="ignore", invalid="ignore"):
+            normalized = (effects - corrupted_ld) / denom if denom != 0 else np.full_like(effects, np.nan)
+        return PatchingResult(clean=clean_ld, corrupted=corrupted_ld, effects=effects, normalized=normalized,
+                              site=site, layers=layer_list, heads=heads, hook_names=names, target=t, foil=f,
+                              positions=positions)
+
+    def _n_heads(self, model_id: str | None) -> int:
+        models = self.list_models()
+        card = next((m for m in models if m.get("id") == model_id), models[0] if models else {})
+        if "n_heads" not in card:
+            raise NeuroScopeError(f"the model card of {model_id!r} does not say n_heads")
+        return int(card["n_heads"])
+
+
+def _encode_array(a: np.ndarray, dtype: str | None) -> dict:
+    """A numpy vector as POST /v1/vectors' {data, dtype, shape} (exact little-endian bytes)."""
+    if a.ndim not in (1, 2):
+        raise ValueError(f"a vector is [n] or [heads, n], not shape {a.shape}")
+    if dtype is None:
+        dtype = "float16" if a.dtype == np.float16 else "bfloat16" if a.dtype.name == "bfloat16" else "float32"
+    if dtype == "float32":
+        raw = np.ascontiguousarray(a, dtype="<f4").tobytes()
+    elif dtype == "float16":
+        raw = np.ascontiguousarray(a, dtype="<f2").tobytes()
+    elif dtype == "bfloat16":
+        if a.dtype.name != "bfloat16":
+            raise ValueError("dtype 'bfloat16' needs a bfloat16 array (ml_dtypes); send float32 instead")
+        raw = np.ascontiguousarray(a).view("<u2").tobytes()
+    else:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype!r}")
+    return {"data": base64.b64encode(raw).decode("ascii"), "dtype": dtype, "shape": list(a.shape)}
+
+
+def _logit_diff(resp: ChatCompletion, target: int, foil: int) -> float:
+    """logprob(target) - logprob(foil) at the first generated token of a response that asked
+    for `logprob_token_ids`."""
+    entries = resp.logprobs
+    if not entries:
+        raise NeuroScopeError("the response carries no log-probabilities (no token generated?)")
+    got = {e["token_id"]: e["logprob"] for e in entries[0].get("target_logprobs") or []}
+    if target not in got or foil not in got:
+        missing = target if target not in got else foil
+        raise NeuroScopeError(f"the response has no log-probability of token {missing}")
+    return float(got[target]) - float(got[foil])
+
+
+def _layer_indices(layers: Iterable[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, (int, np.integer)):
+        layers = [layers]
+    out = []
+    for i in layers:
+        i = int(i)
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise ValueError(f"layer {i} is out of range: the model has {n_layers} layers")
+        out.append(j)
+    return out
+
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -716,6 +1180,8 @@ __all__ = [
     "NeuroScopeConnectionError",
     "NeuroScopeError",
     "NeuroScopeServerError",
+    "PATCH_SITES",
+    "PatchingResult",
     "ShmCapture",
     "StreamEvent",
     "entry_array",

@@ -388,6 +388,51 @@ class NeuroScopeActivationBridge:
         ns["text"] = result.text
         return ns
 
+    # interventions, vectors and patching: thin pass-throughs to the client
+    def _client(self) -> Any:
+        if self.client is None:
+            raise ValueError("this bridge has no client: NeuroScopeActivationBridge(client)")
+        return self.client
+
+    def intervene(self, messages: Any, interventions: Iterable, **kw) -> Any:
+        """A completion with `interventions` applied (the client's `chat(..., interventions=...)`;
+        `baseline=True`, `logprobs`, `logprob_token_ids`, ... pass through)."""
+        return self._client().chat(messages, interventions=interventions, **kw)
+
+    def compare_with_baseline(self, messages: Any, interventions: Iterable, **kw) -> tuple:
+        """(steered, baseline) completions from one request (see the client's method)."""
+        return self._client().compare_with_baseline(messages, interventions, **kw)
+
+    def logit_difference(self, messages: Any, target: int, foil: int, interventions: Iterable | None = None,
+                         **kw) -> float:
+        """logit(target) - logit(foil) at the first generated token (token ids)."""
+        return self._client().logit_difference(messages, target, foil, interventions, **kw)
+
+    def patching_sweep(self, clean: Any, corrupted: Any, target: int, foil: int, **kw) -> Any:
+        """Activation patching sweep -> `PatchingResult` (see the client's `patching_sweep`)."""
+        return self._client().patching_sweep(clean, corrupted, target, foil, **kw)
+
+    def create_steering_vector(self, vector: Any = None, **kw) -> dict:
+        """Store a steering vector on the server (the client's `create_vector`: a list or numpy
+        array, `data`, or `from_capture`; `name`, `layer`) -> its description; use its
+        `vector_id` in {"op": "add", "layer_name": ..., "vector_id": ..., "coefficient": ...}."""
+        return self._client().create_vector(vector, **kw)
+
+    def create_vector(self, vector: Any = None, **kw) -> dict:
+        return self._client().create_vector(vector, **kw)
+
+    def list_vectors(self) -> list[dict]:
+        return self._client().list_vectors()
+
+    def get_vector(self, vector_id: Any) -> dict:
+        return self._client().get_vector(vector_id)
+
+    def delete_vector(self, vector_id: Any) -> dict:
+        return self._client().delete_vector(vector_id)
+
+    def import_control_vector(self, path_or_bytes: Any, name: str | None = None) -> list[dict]:
+        return self._client().import_control_vector(path_or_bytes, name)
+
 
 # --- analysis helpers used by the examples -----------------------------------------------
 def attention_summary(ns: dict, query_position: int, exclude_first: bool = True) -> list[dict]:

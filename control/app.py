@@ -8,6 +8,8 @@ raised as HTTPError (control/errors.py) and become OpenAI-style JSON.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import secrets
@@ -25,10 +27,10 @@ from starlette.routing import Match, Route
 
 from control import openai_format
 from control.delivery import Delivery
-from control.errors import HTTPError, NotFound, error_body, error_response, from_engine
+from control.errors import HTTPError, InvalidRequest, NotFound, error_body, error_response, from_engine
 from control.openapi import openapi_spec
-from control.schemas import (ActivationChatRequest, ChatRequest, LoadModelRequest, RegisterHooksRequest,
-                             parse_body)
+from control.schemas import (ActivationChatRequest, ChatRequest, CreateVectorRequest, LoadModelRequest,
+                             RegisterHooksRequest, parse_body)
 from control.security import DEFAULT_MAX_BODY_BYTES, SecurityConfig, security_middleware
 from control.service import ModelService, ServiceConfig
 from control.streaming import stream_chat
@@ -144,6 +146,55 @@ class Server:
             raise NotFound(f"no live capture {capture_id!r}: it was released, expired, or never existed")
         return JSONResponse({"capture_id": capture_id, "status": "released"})
 
+    # --- stored vectors (for add / set / project_out interventions) ----------------------
+    async def create_vector(self, request: Request) -> Response:
+        """Store a vector: numbers, base64, a capture's mean or last row, or a llama.cpp control
+        vector (one per layer). Vectors belong to the loaded model and go when another loads."""
+        body = parse_body(await request.body(), CreateVectorRequest)
+        kind = body.source()
+        store = self.service.require_model().vectors
+        label = {"name": body.name}
+        try:
+            if kind == "vector":
+                made = [store.add(body.vector, layer=body.layer, source={"kind": "inline"}, **label)]
+            elif kind == "data":
+                made = [store.add_base64(body.data, body.dtype, body.shape, layer=body.layer, **label)]
+            elif kind == "from_capture":
+                src = body.from_capture
+                hook, prompt_tokens = await run_in_threadpool(self.delivery.hook, src.capture_id, src.hook_id)
+                made = [store.from_capture(hook, reduce=src.reduce, positions=src.positions, capture_id=src.capture_id,
+                                           hook_id=src.hook_id, prompt_tokens=prompt_tokens, **label)]
+            else:
+                made = await run_in_threadpool(store.import_controlvector, _base64(body.controlvector, kind), **label)
+        except EngineError as exc:
+            raise from_engine(exc, {"source": "from_capture"}) from exc
+        if kind == "controlvector":
+            return JSONResponse({"object": "list", "data": [v.describe() for v in made]}, status_code=201)
+        return JSONResponse(made[0].describe(), status_code=201)
+
+    async def list_vectors(self, request: Request) -> Response:
+        """The stored vectors (without their values)."""
+        model = self.service.model
+        vectors = [v.describe() for v in model.vectors.list()] if model else []
+        return JSONResponse({"object": "list", "data": vectors})
+
+    async def get_vector(self, request: Request) -> Response:
+        """A stored vector with its values."""
+        vector = self._vector(request.path_params["vector_id"])
+        return ORJSONResponse({**vector.describe(), "vector": vector.data})
+
+    async def delete_vector(self, request: Request) -> Response:
+        """Delete a stored vector (POST twin for SqueakJS, which cannot send DELETE)."""
+        vector = self._vector(request.path_params["vector_id"])
+        self.service.model.vectors.delete(vector.vector_id)
+        return JSONResponse({"vector_id": vector.vector_id, "status": "deleted"})
+
+    def _vector(self, vector_id: str):
+        try:
+            return self.service.require_model().vectors.get(vector_id)
+        except EngineError as exc:
+            raise from_engine(exc) from exc
+
     # --- chat -----------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         """OpenAI chat completions (stream with SSE)."""
@@ -156,7 +207,7 @@ class Server:
 
     async def _chat(self, request: Request, body: Any, with_activations: bool) -> Response:
         # Tokenizing a long prompt takes seconds: not on the event loop.
-        job = await run_in_threadpool(self.service.prepare_chat, body, with_activations)
+        job = await run_in_threadpool(self.service.prepare_chat, body, with_activations, self.delivery.patch_source)
         transport = body.activations_transport if with_activations else None
         encoding = body.activations_encoding if with_activations else None
         if transport == "shm":
@@ -175,7 +226,8 @@ class Server:
         result = await self._run_while_connected(job, request)
         if result is None:  # the client went away; nobody reads this
             return Response(status_code=499)
-        response = openai_format.completion(completion_id, model_id, result)
+        response = openai_format.completion(completion_id, model_id, result, job.plan.lm.tokenizer)
+        response.update(openai_format.intervention_fields(result, job.baseline_result, job.plan.lm.tokenizer))
         if with_activations:
             response.update(await self.delivery.deliver(result, transport, encoding))
             if "capture" in response and await request.is_disconnected():
@@ -191,6 +243,13 @@ class Server:
             if not run.done() and await request.is_disconnected():
                 job.cancelled.set()
         return run.result()
+
+
+def _base64(text: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f"'{field}' is not valid base64: {exc}", field) from None
 
 
 async def _handle_error(request: Request, exc: HTTPError) -> Response:
@@ -242,6 +301,11 @@ def routes(s: Server) -> list[Route]:
         Route("/v1/activations/{capture_id:capture_id}", s.get_capture, methods=["GET"]),
         Route("/v1/activations/{capture_id:capture_id}", s.release_capture, methods=["DELETE"]),
         Route("/v1/activations/{capture_id:capture_id}/release", s.release_capture, methods=["POST"]),
+        Route("/v1/vectors", s.create_vector, methods=["POST"]),
+        Route("/v1/vectors", s.list_vectors, methods=["GET"]),
+        Route("/v1/vectors/{vector_id:vector_id}", s.get_vector, methods=["GET"]),
+        Route("/v1/vectors/{vector_id:vector_id}", s.delete_vector, methods=["DELETE"]),
+        Route("/v1/vectors/{vector_id:vector_id}/delete", s.delete_vector, methods=["POST"]),
     ]
     return table
 

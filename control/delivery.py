@@ -11,20 +11,27 @@ from typing import Any
 
 from starlette.convertors import Convertor, register_url_convertor
 
+import numpy as np
+
 from control.errors import CaptureTooLarge, NotFound
 from control.inline import inline_activations
+from engine.errors import InvalidArgument
+from engine.interventions import SourceTensor
 from shm import CaptureBudgetExceeded, ShmRegistry, ShmSpaceError, UnknownSegment, write_capture
+from shm.reader import HookArray, read_capture_bytes
 from shm.writer import stored_shape
 
 
 CAPTURE_ID_PATTERN = "^cap_[0-9a-f]{16}$"  # engine.generate makes them: "cap_" + 8 random bytes in hex
+VECTOR_ID_PATTERN = "^vec_[0-9a-f]{16}$"  # engine.vectors makes them the same way
 
 
-class CaptureIdConvertor(Convertor):
-    """`{capture_id:capture_id}` in a route: only capture ids match, so /v1/activations/points
-    is never taken for a capture."""
+class IdConvertor(Convertor):
+    """`{capture_id:capture_id}` in a route: only ids of that kind match, so
+    /v1/activations/points is never taken for a capture."""
 
-    regex = CAPTURE_ID_PATTERN.strip("^$")
+    def __init__(self, pattern: str):
+        self.regex = pattern.strip("^$")
 
     def convert(self, value: str) -> str:
         return value
@@ -33,7 +40,8 @@ class CaptureIdConvertor(Convertor):
         return value
 
 
-register_url_convertor("capture_id", CaptureIdConvertor())
+register_url_convertor("capture_id", IdConvertor(CAPTURE_ID_PATTERN))
+register_url_convertor("vector_id", IdConvertor(VECTOR_ID_PATTERN))
 
 
 class Delivery:
@@ -80,6 +88,31 @@ class Delivery:
 
     def release(self, capture_id: str) -> bool:
         return self.registry.release(capture_id)
+
+    # --- captures as the source of a patch or a vector -----------------------------------
+    def hook(self, capture_id: str, hook_id: str) -> tuple[HookArray, int]:
+        """A live capture's hook (its column: the hook_id, or `<id>:input`), copied out of shared
+        memory so that a release cannot pull it away, and the capture's prompt length. Errors
+        are the engine's InvalidArgument, naming `source.capture_id` / `source.hook_id`."""
+        try:
+            data = self.registry.read_bytes(capture_id)
+        except (UnknownSegment, KeyError):
+            raise InvalidArgument(f"no live capture {capture_id!r}: it was released, expired, or never existed; "
+                                  "capture the clean run with activations_transport 'shm' (GET /v1/activations "
+                                  "lists the live ones)", "source.capture_id") from None
+        with read_capture_bytes(data) as view:
+            if hook_id not in view.hooks:
+                raise InvalidArgument(f"capture {capture_id!r} has no hook {hook_id!r}; it has "
+                                      f"{', '.join(sorted(view.hooks))}", "source.hook_id")
+            h = view.hooks[hook_id]
+            return HookArray(h.column, h.info, h.data.copy(), h.step.copy(), h.position.copy()), view.prompt_tokens
+
+    def patch_source(self, capture_id: str, hook_id: str) -> SourceTensor:
+        """engine.interventions' `sources`: a captured tensor to patch in."""
+        h, prompt_tokens = self.hook(capture_id, hook_id)
+        info = h.info
+        return SourceTensor(info.component, info.layer_index, info.is_input, h.position.astype(np.int64),
+                            h.to_float32(), prompt_tokens)
 
 
 def shm_entries(capture: Any, handle: dict) -> dict:

@@ -69,6 +69,7 @@ class Busy(HTTPError):
 # Engine error class -> (status, type, code); the most specific class wins (MRO order).
 ENGINE_ERRORS: dict[type, tuple[int, str, str]] = {
     engine_errors.UnknownHook: (400, "invalid_request_error", "unknown_hook"),
+    engine_errors.UnknownVector: (404, "invalid_request_error", "vector_not_found"),
     engine_errors.ContextLengthExceeded: (400, "invalid_request_error", "context_length_exceeded"),
     engine_errors.InvalidArgument: (400, "invalid_request_error", "invalid_value"),
     engine_errors.CaptureTooLarge: (413, "invalid_request_error", "capture_too_large"),

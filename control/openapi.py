@@ -11,8 +11,9 @@ from __future__ import annotations
 from pydantic.json_schema import models_json_schema
 from starlette.routing import Route
 
-from control.delivery import CAPTURE_ID_PATTERN
-from control.schemas import ActivationChatRequest, ChatRequest, LoadModelRequest, RegisterHooksRequest
+from control.delivery import CAPTURE_ID_PATTERN, VECTOR_ID_PATTERN
+from control.schemas import (ActivationChatRequest, ChatRequest, CreateVectorRequest, LoadModelRequest,
+                             RegisterHooksRequest)
 
 # handler name -> its request body
 BODIES = {
@@ -20,7 +21,11 @@ BODIES = {
     "chat": ChatRequest,
     "chat_with_activations": ActivationChatRequest,
     "register_hooks": RegisterHooksRequest,
+    "create_vector": CreateVectorRequest,
 }
+# Path parameters: {name:convertor} in a route -> the id's pattern
+_PATH_IDS = {"capture_id": CAPTURE_ID_PATTERN, "vector_id": VECTOR_ID_PATTERN}
+_CREATED = {"create_vector"}  # answered 201
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "code"], "properties": {
@@ -47,11 +52,17 @@ _OK_CONTENT = {
     "chat_with_activations": {"application/json": {"schema": _ACTIVATIONS}, **_SSE},
     "get_capture": {"application/vnd.apache.arrow.stream": {"schema": {"type": "string", "format": "binary"}}},
 }
-# A capture id in a chat response names a capture (used by clients and by schemathesis' stateful tests).
-_CAPTURE_LINKS = {
-    name: {"operationId": op, "parameters": {"capture_id": "$response.body#/capture/capture_id"}}
-    for name, op in (("GetCapture", "get_capture"), ("ReleaseCapture", "release_capture"),
-                     ("ReleaseCapturePost", "release_capture_post"))
+# A capture id in a chat response names a capture, a vector id in a new vector's response names
+# it (used by clients and by schemathesis' stateful tests).
+_LINKS = {
+    "chat_with_activations": {
+        name: {"operationId": op, "parameters": {"capture_id": "$response.body#/capture/capture_id"}}
+        for name, op in (("GetCapture", "get_capture"), ("ReleaseCapture", "release_capture"),
+                         ("ReleaseCapturePost", "release_capture_post"))},
+    "create_vector": {
+        name: {"operationId": op, "parameters": {"vector_id": "$response.body#/vector_id"}}
+        for name, op in (("GetVector", "get_vector"), ("DeleteVector", "delete_vector"),
+                         ("DeleteVectorPost", "delete_vector_post"))},
 }
 
 
@@ -62,28 +73,32 @@ def openapi_spec(routes: list[Route]) -> dict:
     seen: set[str] = set()
     for route in routes:
         name = route.endpoint.__name__
-        path = route.path.replace("{capture_id:capture_id}", "{capture_id}")
+        path = route.path
+        for param in _PATH_IDS:
+            path = path.replace(f"{{{param}:{param}}}", f"{{{param}}}")
         for method in sorted(route.methods - {"HEAD"}):
             op_id = name if name not in seen else f"{name}_{method.lower()}"
             seen.add(op_id)
             ok: dict = {"description": "OK", "content": _OK_CONTENT.get(name, {"application/json": {
                 "schema": {"type": "object"}}})}
-            if name == "chat_with_activations":
-                ok["links"] = _CAPTURE_LINKS
+            if name in _LINKS:
+                ok["links"] = _LINKS[name]
             op: dict = {
                 "operationId": op_id,
                 "summary": (route.endpoint.__doc__ or name).strip().splitlines()[0],
                 "responses": {
-                    "200": ok,
+                    "201" if name in _CREATED else "200": ok,
                     "4XX": {"description": "Invalid request (OpenAI error shape)",
                             "content": {"application/json": {"schema": _ERROR}}},
                     "503": {"description": "Queue full; retry after the Retry-After seconds",
                             "content": {"application/json": {"schema": _ERROR}}},
                 },
             }
-            if "{capture_id}" in path:
-                op["parameters"] = [{"name": "capture_id", "in": "path", "required": True,
-                                     "schema": {"type": "string", "pattern": CAPTURE_ID_PATTERN}}]
+            op["parameters"] = [{"name": param, "in": "path", "required": True,
+                                 "schema": {"type": "string", "pattern": pattern}}
+                                for param, pattern in _PATH_IDS.items() if f"{{{param}}}" in path]
+            if not op["parameters"]:
+                del op["parameters"]
             if name in BODIES:
                 ref = defs_mapping[(BODIES[name], "validation")]
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}

@@ -1,9 +1,9 @@
 """The request bodies of every endpoint, declared once.
 
 Validation (`parse_body`) and the OpenAPI document (control/openapi.py) both come from these
-models. Sampling fields, hook specs and capture options are the engine's own models
-(engine/params.py), so a rule is written in one place; here they only become nullable, since
-OpenAI's API takes `null` for "the default".
+models. Sampling fields, log-probability options, hook specs and capture options are the
+engine's own models (engine/params.py), so a rule is written in one place; here they only
+become nullable, since OpenAI's API takes `null` for "the default".
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
 
 from control.errors import InvalidRequest, MalformedRequest
-from engine.params import HookSpec, SamplingParams, invalid_argument
-from vocabulary import DTYPES, ENCODINGS, POSITIONS, TRANSPORTS
+from engine.params import HookSpec, InterventionSpec, LogprobOptions, SamplingParams, invalid_argument
+from vocabulary import DTYPES, ENCODINGS, INTERVENTION_POSITIONS, POSITIONS, TRANSPORTS
 
 # Strict types (no "5" for 5); unknown fields are ignored, as OpenAI-compatible servers do.
 _OPEN = ConfigDict(strict=True, extra="allow")
@@ -42,12 +42,17 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-def _nullable(model: type[BaseModel]) -> dict[str, Any]:
-    """`model`'s fields with the same rules, each also accepting null (= the default)."""
+# LogprobOptions field -> request field, where OpenAI's API has no name of its own for it.
+LOGPROB_FIELDS = {"logprobs": "logprobs", "top_logprobs": "top_logprobs", "token_ids": "logprob_token_ids"}
+
+
+def _nullable(model: type[BaseModel], names: dict[str, str] | None = None) -> dict[str, Any]:
+    """`model`'s fields with the same rules, each also accepting null (= the default); `names`
+    renames them (model field -> request field)."""
     fields = {}
     for name, f in model.model_fields.items():
         t = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
-        fields[name] = (Optional[t], Field(None, description=f.description))
+        fields[names[name] if names else name] = (Optional[t], Field(None, description=f.description))
     return fields
 
 
@@ -56,12 +61,23 @@ ChatRequest = create_model(
     __config__=_OPEN,
     __doc__="OpenAI chat completions request (fields this server does not use are ignored).",
     model=(Optional[str], None),
-    messages=(Annotated[list[Message], Field(min_length=1)], ...),
+    messages=(Optional[Annotated[list[Message], Field(min_length=1)]], Field(
+        None, description="the chat (required unless `prompt` is given)")),
+    prompt=(Optional[Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[int, Field(ge=0)]],
+                                                                           Field(min_length=1)]]], Field(
+        None, description="extension: raw text (or token ids) to continue without the chat template, instead of "
+                          "`messages`; what interpretability prompts such as indirect-object identification need")),
     max_completion_tokens=(Optional[Annotated[int, Field(ge=1)]], Field(None, description="alias of max_tokens")),
     n=(Optional[Literal[1]], Field(None, description="only 1 is supported")),
     stream=(StrictBool, False),
     stream_options=(Optional[StreamOptions], None),
     **_nullable(SamplingParams),
+    **_nullable(LogprobOptions, LOGPROB_FIELDS),
+    interventions=(Optional[Annotated[list[InterventionSpec], Field(max_length=1024)]], Field(
+        None, description="changes to tensors on the prompt and every generated token, applied in order "
+                          "(docs/interventions.md)")),
+    baseline=(StrictBool, Field(False, description="also return the completion without interventions (same "
+                                                   "sampling and seed) as `baseline`")),
 )
 
 
@@ -95,6 +111,11 @@ def sampling_values(body: BaseModel) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def logprob_values(body: BaseModel) -> dict[str, Any]:
+    """The request's log-probability fields, as LogprobOptions' keyword arguments (null: the default)."""
+    return {name: getattr(body, field) for name, field in LOGPROB_FIELDS.items()}
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     """Validate a request body; a bad one is a 400 naming the field, as OpenAI answers."""
     try:
@@ -108,3 +129,36 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     except ValidationError as exc:
         err = invalid_argument(exc)
         raise InvalidRequest(err.message, err.arg) from None
+
+
+class VectorFromCapture(BaseModel):
+    model_config = _CLOSED
+    capture_id: str = Field(min_length=1, description="a live capture (activations_transport 'shm')")
+    hook_id: str = Field(min_length=1, description="its column: the hook_id, or '<id>:input'")
+    reduce: Literal["mean", "last"] = Field("mean", description="mean over the positions, or the last of them")
+    positions: Union[Literal[INTERVENTION_POSITIONS], Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]] = "all"
+
+
+class CreateVectorRequest(BaseModel):
+    """Exactly one of `vector`, `data` (+ `dtype`), `from_capture` or `controlvector`."""
+
+    model_config = _CLOSED
+    name: Optional[str] = Field(None, max_length=200)
+    vector: Optional[Union[list[float], list[list[float]]]] = Field(None, description="[n] or [heads, n]")
+    data: Optional[str] = Field(None, description="base64 of the values, little-endian, in `dtype`")
+    dtype: Optional[Literal[DTYPES]] = None
+    shape: Optional[Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=2)]] = None
+    layer: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="the layer it was made for (a label)")
+    from_capture: Optional[VectorFromCapture] = None
+    controlvector: Optional[str] = Field(None, description="base64 of a llama.cpp control-vector GGUF: one vector "
+                                         "per layer (direction.N steers the residual stream after layer N)")
+
+    def source(self) -> str:
+        given = [f for f in ("vector", "data", "from_capture", "controlvector") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise InvalidRequest("give exactly one of 'vector' (numbers), 'data' (base64, with 'dtype'), "
+                                 f"'from_capture' or 'controlvector' (got {', '.join(given) or 'none'})",
+                                 given[1] if len(given) > 1 else "vector")
+        if given[0] == "data" and self.dtype is None:
+            raise InvalidRequest("'data' needs a 'dtype': float32, float16 or bfloat16", "dtype")
+        return given[0]

@@ -10,27 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import engine
 from control.errors import Busy, InvalidRequest, ModelPathForbidden, NoModelLoaded, from_engine
-from control.schemas import sampling_values
+from control.schemas import logprob_values, sampling_values
 from engine.default_model import MODEL_ID as DEFAULT_MODEL_ID
 from engine.default_model import default_model_dir, ensure_default_model
 from engine.errors import EngineError
-from engine.params import CaptureOptions, HookSpec, SamplingParams, parse
+from engine.interventions import Sources
+from engine.params import CaptureOptions, HookSpec, LogprobOptions, SamplingParams, parse
 from engine.progress import Progress
 
 log = logging.getLogger("nsbridge.control")
 
 # Engine argument -> request field, for error messages (`hooks[2]` is `activation_hooks[2]`).
 CHAT_FIELDS = {"hooks": "activation_hooks", "positions": "activation_positions", "dtype": "activation_dtype",
-               "prompt": "messages"}
+               "logprobs.token_ids": "logprob_token_ids"}
 
 
 @dataclass
@@ -53,6 +55,8 @@ class ChatJob:
     """A planned chat request, ready for the worker."""
 
     plan: Any  # engine GenerationPlan
+    baseline: Any = None  # the same plan without interventions or hooks, when the request asks for it
+    baseline_result: Any = None  # its Completion, once run
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -146,11 +150,15 @@ class ModelService:
             raise
 
     # --- requests -------------------------------------------------------------------------
-    def prepare_chat(self, body: Any, with_activations: bool) -> ChatJob:
-        """Plan a validated chat body (tokenize, resolve hooks, check sizes). Touches no MLX array."""
+    def prepare_chat(self, body: Any, with_activations: bool, sources: Sources | None = None) -> ChatJob:
+        """Plan a validated chat body (tokenize, resolve hooks and interventions, check sizes).
+        Touches no MLX array. `sources` finds the captures that patch interventions copy from."""
         model = self.require_model()
         try:
             sampling = parse(SamplingParams, **sampling_values(body))
+            # Each field's own rules were checked with the body; this adds the rules between them
+            # (top_logprobs needs logprobs), whose errors name the request's field.
+            logprobs = parse(LogprobOptions, **logprob_values(body))
             cap = self.config.max_tokens_per_request
             if cap is not None and sampling.max_tokens > cap:
                 raise InvalidRequest(f"'max_tokens' is {sampling.max_tokens} but this server allows at most {cap} "
@@ -162,19 +170,31 @@ class ModelService:
                     raise InvalidRequest("no activation hooks: send 'activation_hooks' or register them with "
                                          "POST /v1/activations/hooks", "activation_hooks")
                 capture = parse(CaptureOptions, positions=body.activation_positions, dtype=body.activation_dtype)
-            plan = model.plan(messages=[m.model_dump() for m in body.messages], sampling=sampling, hooks=hooks,
-                              capture=capture or CaptureOptions(), capture_budget_bytes=self.config.capture_budget_bytes)
+            if body.baseline and sampling.seed is None and sampling.temperature > 0:
+                # The baseline must sample exactly as the intervened run does.
+                sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
+            messages = None if body.messages is None else [m.model_dump() for m in body.messages]
+            plan = model.plan(messages=messages, prompt=body.prompt, sampling=sampling, hooks=hooks,
+                              capture=capture or CaptureOptions(), capture_budget_bytes=self.config.capture_budget_bytes,
+                              logprobs=logprobs, interventions=body.interventions, sources=sources)
         except EngineError as exc:
             raise from_engine(exc, CHAT_FIELDS) from exc
-        return ChatJob(plan)
+        baseline = replace(plan, interventions=(), targets=None, capture_bytes=0) if body.baseline else None
+        return ChatJob(plan, baseline)
 
     def run_chat(self, job: ChatJob, on_event: Callable[[Any], None] | None = None):
         """Generate on the worker thread; the engine's Completion, or None when the job was cancelled
-        (client gone) or ran past the server's time limit before finishing."""
-        model = self.require_model()
+        (client gone) or ran past the server's time limit before finishing. A baseline runs
+        after it (its Completion in `job.baseline_result`), under the same time limit."""
         limit = self.config.max_seconds_per_request
         deadline = None if limit is None else time.monotonic() + limit
-        events = model.run(job.plan, deadline=deadline)
+        result = self._run_plan(job, job.plan, on_event, deadline)
+        if result is not None and job.baseline is not None:
+            job.baseline_result = self._run_plan(job, job.baseline, None, deadline)
+        return result
+
+    def _run_plan(self, job: ChatJob, plan: Any, on_event: Callable[[Any], None] | None, deadline: float | None):
+        events = self.require_model().run(plan, deadline=deadline)
         try:
             for event in events:
                 if on_event is not None:

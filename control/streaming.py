@@ -1,7 +1,9 @@
 """Server-Sent Events for a chat request: a role chunk, one chunk per token, then [DONE].
 
-With inline activations, each token's chunk carries the activations of the forward step that
-produced it (the last one also those of the final step). With shared memory, the final chunk
+Each token's chunk carries the log-probabilities of that token when asked (one entry per
+token, even when its chunk has no text: it may be held back, or be the end token). With inline
+activations, each token's chunk carries the activations of the forward step that produced it
+(the last one also those of the final step). With shared memory, the final chunk
 carries the capture's handle once the capture is written.
 """
 
@@ -47,20 +49,22 @@ async def stream_chat(service: ModelService, delivery: Delivery, job: ChatJob, c
     queue: asyncio.Queue = asyncio.Queue()
     created = int(time.time())
     chunk = functools.partial(openai_format.chunk, completion_id, model_id, created)
+    tokenizer = job.plan.lm.tokenizer
 
     def on_event(event) -> None:  # on the worker thread
+        logprobs = None if event.logprob is None else openai_format.logprobs([event.logprob], tokenizer)
         acts = None
         if event.capture is not None and transport == "inline":
             # The step that produced this token; the last token also brings the final step.
             steps = {event.step} if event.finish_reason is None else {event.step, event.step + 1}
             acts = entries_for_steps(event.capture.records, steps, encoding)
-        loop.call_soon_threadsafe(queue.put_nowait, ("token", event, acts))
+        loop.call_soon_threadsafe(queue.put_nowait, ("token", event, acts, logprobs))
 
     async def produce() -> None:
         try:
-            await queue.put(("done", await service.run(service.run_chat, job, on_event), None))
+            await queue.put(("done", await service.run(service.run_chat, job, on_event), None, None))
         except Exception as exc:  # reported to the client as an SSE error event
-            await queue.put(("error", exc, None))
+            await queue.put(("error", exc, None, None))
 
     task = asyncio.create_task(produce())
     final_chunk = None  # with a capture, the last chunk waits for the capture to be complete
@@ -68,14 +72,14 @@ async def stream_chat(service: ModelService, delivery: Delivery, job: ChatJob, c
     try:
         yield sse(chunk({"role": "assistant", "content": ""}))
         while True:
-            kind, item, acts = await queue.get()
+            kind, item, acts, logprobs = await queue.get()
             if kind == "error":
                 yield error_event(item)
                 yield DONE
                 return
             if kind == "token":
                 delta = {"content": item.text} if item.text or item.finish_reason is None else {}
-                out = chunk(delta, item.finish_reason)
+                out = chunk(delta, item.finish_reason, logprobs)
                 if acts is not None:
                     out["activations"] = acts
                 if item.finish_reason is not None and transport is not None:
@@ -107,6 +111,9 @@ async def stream_chat(service: ModelService, delivery: Delivery, job: ChatJob, c
                     final_chunk["activations"] = shm_entries(capture, handle)
                 yield sse(final_chunk)
                 unsent = None
+            extra = openai_format.intervention_fields(result, job.baseline_result, tokenizer)
+            if extra:  # after the last token's chunk, like the usage chunk: no choices, the reports
+                yield sse({**chunk({}), "choices": [], **extra})
             if include_usage:
                 yield sse(openai_format.usage_chunk(completion_id, model_id, created, result))
             yield DONE

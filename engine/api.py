@@ -7,6 +7,9 @@ For same-host Python (a notebook, a script) and for control/, which serves it ov
     hook = model.register_activation_hook(layer_name="transformer.h.5", component="residual")
     out = model.generate(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0)
     out.text, out.activations[hook]  # [positions, 576]: the prompt, then every generated token
+    out = model.generate(prompt="The capital of France is", max_tokens=1, temperature=0,
+                         logprobs=True, top_logprobs=5, logprob_token_ids=[12366])
+    out.logprobs[0].top, out.logprobs[0].targets  # [(token id, log-probability), ...]
     for event in model.stream(prompt="Once upon a time", max_tokens=8):
         print(event.text, end="")
 
@@ -24,10 +27,12 @@ from typing import Any, Iterable, Iterator
 from engine.errors import InvalidArgument
 from engine.generate import Completion, TokenEvent, generate
 from engine.hooks import hook_points, resolve_hook
+from engine.interventions import Sources
 from engine.model import LoadedModel, ModelInfo, load_model
-from engine.params import CaptureOptions, HookSpec, SamplingParams, parse
+from engine.params import CaptureOptions, HookSpec, InterventionSpec, LogprobOptions, SamplingParams, parse
 from engine.plan import GenerationPlan, plan
 from engine.progress import Progress
+from engine.vectors import VectorStore
 
 __all__ = ["load", "Model", "Completion", "TokenEvent", "GenerationPlan", "REGISTERED"]
 
@@ -62,6 +67,7 @@ class Model:
 
     def __init__(self, lm: LoadedModel):
         self.lm = lm  # for engine-internal use (capture, benchmarks)
+        self.vectors = VectorStore({**lm.info.dims, "n_layers": lm.info.n_layers})  # for interventions' vector_id
         self._hooks: tuple[HookSpec, ...] = ()
         self._lock = threading.Lock()
 
@@ -117,10 +123,15 @@ class Model:
     # --- generation -------------------------------------------------------------------------
     def plan(self, *, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
              sampling: SamplingParams | None = None, hooks: Iterable[HookSpec | dict] | None = None,
-             capture: CaptureOptions | None = None, capture_budget_bytes: int | None = None) -> GenerationPlan:
-        """Resolve and check a request (engine.plan.plan); `hooks=None` captures nothing."""
+             capture: CaptureOptions | None = None, capture_budget_bytes: int | None = None,
+             logprobs: LogprobOptions | None = None, interventions: Iterable[InterventionSpec | dict] | None = None,
+             sources: Sources | None = None) -> GenerationPlan:
+        """Resolve and check a request (engine.plan.plan); `hooks=None` captures nothing.
+        Interventions take `vector_id`s from `self.vectors` and patch sources from `sources`
+        (e.g. `engine.interventions.sources_from(earlier_completion.capture)`)."""
         return plan(self.lm, messages=messages, prompt=prompt, sampling=sampling, hooks=hooks, capture=capture,
-                    capture_budget_bytes=capture_budget_bytes)
+                    capture_budget_bytes=capture_budget_bytes, logprobs=logprobs, interventions=interventions,
+                    vectors=self.vectors, sources=sources)
 
     def run(self, plan: GenerationPlan, deadline: float | None = None) -> Iterator[TokenEvent]:
         """Generate a plan: one TokenEvent per token, the last one with `result`. Closing the
@@ -132,23 +143,38 @@ class Model:
 
     def stream(self, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
                hooks: Iterable[HookSpec | dict] | None = REGISTERED, positions: str = "all", dtype: str = "float32",
+               *, logprobs: bool = False, top_logprobs: int = 0, logprob_token_ids: Iterable[int] = (),
+               interventions: Iterable[InterventionSpec | dict] | None = None, sources: Sources | None = None,
                **sampling: Any) -> Iterator[TokenEvent]:
         """Plan (checked now, before the first token) and run; sampling keyword arguments are
-        SamplingParams' (max_tokens, temperature, top_p, top_k, seed, stop)."""
-        return self.run(self._plan(messages, prompt, hooks, positions, dtype, sampling))
+        SamplingParams' (max_tokens, temperature, top_p, top_k, seed, stop). `logprobs`,
+        `top_logprobs` (at most 20) and `logprob_token_ids` (at most 64 ids, reported at every
+        step) are LogprobOptions': each event's `logprob`. `interventions` (InterventionSpecs or
+        dicts) change tensors on every step; patches copy from `sources`
+        (`engine.interventions.sources_from(earlier.capture)`)."""
+        options = self._logprob_options(logprobs, top_logprobs, logprob_token_ids)
+        return self.run(self._plan(messages, prompt, hooks, positions, dtype, sampling, options, interventions,
+                                   sources))
 
-    def generate(self, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
-                 hooks: Iterable[HookSpec | dict] | None = REGISTERED, positions: str = "all",
-                 dtype: str = "float32", **sampling: Any) -> Completion:
-        """`stream` to the end: the Completion (text, token ids, finish reason, activations)."""
+    def generate(self, *args: Any, **kwargs: Any) -> Completion:
+        """`stream` (same arguments) to the end: the Completion (text, token ids, finish reason,
+        activations, log-probabilities, and `interventions`: each one's positions touched per step)."""
         event = None
-        for event in self.stream(messages, prompt, hooks, positions, dtype, **sampling):
+        for event in self.stream(*args, **kwargs):
             pass
         return event.result
 
-    def _plan(self, messages, prompt, hooks, positions, dtype, sampling: dict) -> GenerationPlan:
+    @staticmethod
+    def _logprob_options(logprobs, top_logprobs, logprob_token_ids) -> LogprobOptions:
+        """Errors name LogprobOptions' fields under `logprobs` (`logprobs.token_ids[3]`), as plan's do."""
+        token_ids = list(logprob_token_ids) if isinstance(logprob_token_ids, Iterable) else logprob_token_ids
+        return parse(LogprobOptions, "logprobs", logprobs=logprobs, top_logprobs=top_logprobs, token_ids=token_ids)
+
+    def _plan(self, messages, prompt, hooks, positions, dtype, sampling: dict, logprobs: LogprobOptions | None = None,
+              interventions=None, sources: Sources | None = None) -> GenerationPlan:
         params = parse(SamplingParams, None, **sampling)
         options = parse(CaptureOptions, None, positions=positions, dtype=dtype)
         if hooks is REGISTERED:
             hooks = self._hooks  # a snapshot: the tuple is replaced, never changed
-        return self.plan(messages=messages, prompt=prompt, sampling=params, hooks=hooks, capture=options)
+        return self.plan(messages=messages, prompt=prompt, sampling=params, hooks=hooks, capture=options,
+                         logprobs=logprobs, interventions=interventions, sources=sources)

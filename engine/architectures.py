@@ -19,12 +19,14 @@ class Architecture:
     final_norm_attr: str
     attn_attr: str
     mlp_attr: str
+    mlp_out_attr: str  # the MLP's output projection, whose input is the neurons (mlp_activation)
     ln1_attr: str  # norm before attention
     ln2_attr: str  # norm before the MLP
     args_d_model: str
     args_n_heads: str
     args_n_kv_heads: str
     args_context: str
+    args_d_mlp: str | None = None  # None: 4 * d_model (GPT-2; mlx-lm ignores n_inner)
     default_context: int = 4096
 
     def _inner(self, model):
@@ -51,6 +53,9 @@ class Architecture:
     def n_kv_heads(self, args) -> int:
         return getattr(args, self.args_n_kv_heads, None) or self.n_heads(args)
 
+    def d_mlp(self, args) -> int:
+        return getattr(args, self.args_d_mlp) if self.args_d_mlp else 4 * self.d_model(args)
+
     def context_length(self, args) -> int:
         return getattr(args, self.args_context, None) or self.default_context
 
@@ -60,19 +65,20 @@ class Architecture:
             attr = {"embed": self.embed_attr, "final_norm": self.final_norm_attr}[part]
             return f"{self.inner}.{attr}"
         block = f"{self.inner}.{self.layers_attr}.{layer}"
-        sub = {"block": None, "attn": self.attn_attr, "mlp": self.mlp_attr, "ln1": self.ln1_attr, "ln2": self.ln2_attr}[part]
+        sub = {"block": None, "attn": self.attn_attr, "mlp": self.mlp_attr, "ln1": self.ln1_attr, "ln2": self.ln2_attr,
+               "mlp_post": f"{self.mlp_attr}.{self.mlp_out_attr}"}[part]
         return block if sub is None else f"{block}.{sub}"
 
 
 LLAMA = Architecture(
     name="llama", inner="model", layers_attr="layers", embed_attr="embed_tokens", final_norm_attr="norm",
-    attn_attr="self_attn", mlp_attr="mlp", ln1_attr="input_layernorm", ln2_attr="post_attention_layernorm",
-    args_d_model="hidden_size", args_n_heads="num_attention_heads", args_n_kv_heads="num_key_value_heads",
-    args_context="max_position_embeddings",
+    attn_attr="self_attn", mlp_attr="mlp", mlp_out_attr="down_proj", ln1_attr="input_layernorm",
+    ln2_attr="post_attention_layernorm", args_d_model="hidden_size", args_n_heads="num_attention_heads",
+    args_n_kv_heads="num_key_value_heads", args_context="max_position_embeddings", args_d_mlp="intermediate_size",
 )
 GPT2 = Architecture(
     name="gpt2", inner="model", layers_attr="h", embed_attr="wte", final_norm_attr="ln_f",
-    attn_attr="attn", mlp_attr="mlp", ln1_attr="ln_1", ln2_attr="ln_2",
+    attn_attr="attn", mlp_attr="mlp", mlp_out_attr="c_proj", ln1_attr="ln_1", ln2_attr="ln_2",
     args_d_model="n_embd", args_n_heads="n_head", args_n_kv_heads="num_key_value_heads",
     args_context="n_positions",
 )

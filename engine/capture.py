@@ -1,12 +1,15 @@
-"""Recording what the model computes, during a generation, without changing what it computes.
+"""What one request does to the model while it generates: record tensors, and intervene.
 
 MLX modules have no forward hooks. For the duration of one request we swap the class of each
-module we need (embedding, decoder block, attention, MLP, norms) for a subclass whose
-`__call__` calls the original and keeps a reference to its input or output; only those
-instances change, parameter names stay. Q/K/V, scores and patterns come from the attention
+module we need (embedding, decoder block, attention, MLP and its output projection, norms)
+for a subclass whose `__call__` calls the original, applies the request's interventions to
+its input or output and keeps a reference to what it records; only those instances change,
+parameter names stay. Q/K/V, scores, patterns and each head's output come from the attention
 seam: the model file's `scaled_dot_product_attention`, which receives post-RoPE queries and
 keys, keys/values joined with the KV cache, the mask and the scale. Scores and patterns are
-computed beside the fused kernel, never instead of it, so logits stay bit-identical.
+computed beside the fused kernel, never instead of it, so without interventions logits stay
+bit-identical. Key and value interventions are written back into the KV cache, so later
+tokens attend to the changed keys and values.
 
 Hooks only keep lazy array references; `end_step` hands them to the generation loop, which
 evaluates them with the step's logits. Nothing is copied to numpy on the hot path.
@@ -21,7 +24,9 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from engine.errors import EngineError
 from engine.hooks import HookTarget, module_path
+from engine.interventions import Intervention
 from engine.model import LoadedModel
 from engine.params import CaptureOptions
 from engine.records import HookRecord, StepTensor
@@ -33,6 +38,8 @@ _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16
 _INSTALL_LOCK = threading.Lock()
 _active: "Capture | None" = None
 _tapped_classes: dict[type, type] = {}
+# Sites whose tensor is what the module receives: the MLP's output projection takes the neurons.
+_INPUT_SITES = ("mlp_post",)
 
 
 def _tapped_class(cls: type) -> type:
@@ -70,10 +77,14 @@ def attention_scores(queries: mx.array, keys: mx.array, scale: float, mask) -> m
 
 
 class Capture:
-    """The activations of one request: one HookRecord per (hook, direction), one StepTensor per step."""
+    """One request's hooks and interventions. Records: one HookRecord per (hook, direction), one
+    StepTensor per step. `touched[i]`: positions intervention i changed at each step."""
 
-    def __init__(self, lm: LoadedModel, targets: list[HookTarget], options: CaptureOptions = CaptureOptions()):
+    def __init__(self, lm: LoadedModel, targets: list[HookTarget], options: CaptureOptions = CaptureOptions(),
+                 interventions: list[Intervention] = ()):
         self.options = options
+        self.interventions = list(interventions)
+        self.touched: list[list[int]] = [[] for _ in self.interventions]
         self.records: list[HookRecord] = [
             HookRecord(
                 hook_id=t.hook_id, layer_name=t.layer_name, module_path=module_path(lm, t), layer_index=t.layer,
@@ -85,6 +96,8 @@ class Capture:
         self._dtype = _DTYPES[options.dtype]
         self._taps: dict[int, list[tuple[HookTarget, HookRecord]]] = {}  # id(module) -> what to keep
         self._sdpa_taps: dict[int, list[tuple[HookTarget, HookRecord]]] = {}  # layer -> q/k/v/scores/pattern
+        self._edits: dict[int, list[Intervention]] = {}  # id(module) -> interventions there, in request order
+        self._sdpa_edits: dict[int, list[Intervention]] = {}  # layer -> interventions on q/k/v/head_output
         self._attn_layer: dict[int, int] = {}  # id(attention module) -> layer, for the seam
         self._seam_layer: int | None = None
         self._step, self._start, self._recording = 0, 0, False
@@ -95,23 +108,30 @@ class Capture:
         arch, model = lm.arch, lm.model
         layers = arch.layers(model)
 
-        def site_module(t: HookTarget):
+        def site_module(t: HookTarget | Intervention):
             if t.site == "embed":
                 return arch.embedding(model)
             if t.site == "lnf":
                 return arch.final_norm(model)
             block = layers[t.layer]
+            if t.site == "mlp_post":
+                return getattr(getattr(block, arch.mlp_attr), arch.mlp_out_attr)
             attr = {"block": None, "attn": arch.attn_attr, "sdpa": arch.attn_attr, "mlp": arch.mlp_attr,
                     "ln1": arch.ln1_attr, "ln2": arch.ln2_attr}[t.site]
             return block if attr is None else getattr(block, attr)
 
         modules = {}
-        for t, rec in zip(self._targets, self.records):
+        for t, rec in [*zip(self._targets, self.records), *((iv, None) for iv in self.interventions)]:
             module = site_module(t)
             modules[id(module)] = module
             if t.site == "sdpa":
                 self._attn_layer[id(module)] = t.layer
-                self._sdpa_taps.setdefault(t.layer, []).append((t, rec))
+                if rec is None:
+                    self._sdpa_edits.setdefault(t.layer, []).append(t)
+                else:
+                    self._sdpa_taps.setdefault(t.layer, []).append((t, rec))
+            elif rec is None:
+                self._edits.setdefault(id(module), []).append(t)
             else:
                 self._taps.setdefault(id(module), []).append((t, rec))
         self._model_module = sys.modules[type(model).__module__]
@@ -125,12 +145,13 @@ class Capture:
             originals = [(m, type(m)) for m in self._modules]
             seam_owner = self._model_module
             original_sdpa = getattr(seam_owner, "scaled_dot_product_attention", None)
-            if self._sdpa_taps and original_sdpa is None:
+            seam = bool(self._sdpa_taps or self._sdpa_edits)
+            if seam and original_sdpa is None:
                 raise RuntimeError(f"{seam_owner.__name__} has no scaled_dot_product_attention seam")
             try:
                 for module, cls in originals:
                     module.__class__ = _tapped_class(cls)
-                if self._sdpa_taps:
+                if seam:
                     seam_owner.scaled_dot_product_attention = self._seam(original_sdpa)
                 _active = self
                 yield self
@@ -138,7 +159,7 @@ class Capture:
                 _active = None
                 for module, cls in originals:
                     module.__class__ = cls
-                if self._sdpa_taps:
+                if seam:
                     seam_owner.scaled_dot_product_attention = original_sdpa
 
     def begin_step(self, step: int, start: int) -> None:
@@ -146,6 +167,8 @@ class Capture:
         positions = self.options.positions
         self._recording = positions == "all" or positions == "last" or (positions == "prompt") == (step == 0)
         self._pending = []
+        for counts in self.touched:
+            counts.append(0)
 
     def end_step(self) -> list[mx.array]:
         """The arrays recorded during this step, for the caller to evaluate with the logits."""
@@ -164,7 +187,17 @@ class Capture:
         rec.steps.append(StepTensor(self._step, start, array))
         self._pending.append(array)
 
+    def _intervene(self, edits: list[Intervention], x: mx.array, on_input: bool) -> mx.array:
+        for iv in edits:
+            if (iv.is_input or iv.site in _INPUT_SITES) == on_input:
+                x, n = iv.apply(x, self._start)
+                self.touched[self.interventions.index(iv)][-1] += n
+        return x
+
     def _on_module(self, module, cls: type, x, args, kwargs):
+        edits = self._edits.get(id(module))
+        if edits:
+            x = self._intervene(edits, x, on_input=True)
         layer = self._attn_layer.get(id(module))
         if layer is not None:
             self._seam_layer = layer
@@ -172,21 +205,30 @@ class Capture:
             out = cls.__call__(module, x, *args, **kwargs)
         finally:
             self._seam_layer = None
+        if edits:
+            out = self._intervene(edits, out, on_input=False)
         if self._recording:
             for t, rec in self._taps.get(id(module), ()):
-                self._keep(rec, (x if t.is_input else out)[0], 0)
+                self._keep(rec, (x if t.is_input or t.site in _INPUT_SITES else out)[0], 0)
         return out
 
     def _seam(self, original):
         def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
-            out = original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
             layer = self._seam_layer
+            edits = self._sdpa_edits.get(layer, ()) if layer is not None else ()
+            if edits:
+                queries, keys, values = self._edit_qkv(edits, queries, keys, values, cache)
+            out = original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
+            if edits:
+                out = self._intervene([iv for iv in edits if iv.component == "head_output"], out, on_input=False)
             if layer is None or not self._recording or layer not in self._sdpa_taps:
                 return out
             t_q = queries.shape[2]
             scores = None
             for t, rec in self._sdpa_taps[layer]:
-                if t.component == "query":
+                if t.component == "head_output":
+                    self._keep(rec, out[0], 1)
+                elif t.component == "query":
                     self._keep(rec, queries[0], 1)
                 elif t.component in ("key", "value"):  # this step's tokens; earlier ones are in earlier steps
                     self._keep(rec, (keys if t.component == "key" else values)[0, :, -t_q:, :], 1)
@@ -200,3 +242,27 @@ class Capture:
             return out
 
         return scaled_dot_product_attention
+
+    def _edit_qkv(self, edits: list[Intervention], queries, keys, values, cache):
+        """Queries, keys and values with the step's interventions; changed keys and values are
+        written back into the KV cache, which holds them for every later step."""
+        t_q = queries.shape[2]
+        queries = self._intervene([iv for iv in edits if iv.component == "query"], queries, on_input=False)
+        new = []
+        for name, array in (("key", keys), ("value", values)):
+            tail = array[:, :, -t_q:]
+            edited = self._intervene([iv for iv in edits if iv.component == name], tail, on_input=False)
+            new.append(edited if edited is not tail else None)
+        if all(e is None for e in new):
+            return queries, keys, values
+        if cache is not None:
+            if not (hasattr(cache, "keys") and hasattr(cache, "offset") and isinstance(cache.keys, mx.array)):
+                raise EngineError(f"key and value interventions need a plain KV cache, not {type(cache).__name__}",
+                                  "interventions")
+            end = cache.offset
+            for name, edited in zip(("keys", "values"), new):
+                if edited is not None:
+                    getattr(cache, name)[..., end - t_q:end, :] = edited
+        keys, values = (a if e is None else (e if a.shape[2] == t_q else mx.concatenate([a[:, :, :-t_q], e], axis=2))
+                        for a, e in zip((keys, values), new))
+        return queries, keys, values

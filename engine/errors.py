@@ -23,6 +23,10 @@ class UnknownHook(InvalidArgument):
     """A hook names a layer or component the loaded model does not have."""
 
 
+class UnknownVector(InvalidArgument):
+    """No stored vector has that id (never made, deleted, or dropped when another model loaded)."""
+
+
 class ContextLengthExceeded(InvalidArgument):
     """The prompt, or the prompt plus max_tokens, does not fit in the model's context."""
 

@@ -25,7 +25,7 @@ class HookTarget:
     hook_id: str
     layer_name: str  # as the client wrote it
     component: str
-    site: str  # embed | block | attn | mlp | ln1 | ln2 | lnf | sdpa
+    site: str  # embed | block | attn | mlp | ln1 | ln2 | lnf | sdpa | mlp_post
     layer: int | None
     is_input: bool
 
@@ -112,7 +112,7 @@ def module_path(lm: LoadedModel, t: HookTarget | vocabulary.Site) -> str:
 
 def hook_points(lm: LoadedModel) -> list[dict[str, Any]]:
     """Every tensor a client can capture on the loaded model, by its TransformerLens name, with
-    its other names and its shape per token."""
+    its other names, its shape per token and whether interventions may change it."""
     points = []
     for name, site in vocabulary.hook_point_names(lm.info.n_layers):
         if site.layer is None:
@@ -129,6 +129,7 @@ def hook_points(lm: LoadedModel) -> list[dict[str, Any]]:
             "is_input": site.is_input,
             "shape_per_token": per_token_shape(lm, site.component),
             "dtype": "float32",
+            "interventable": vocabulary.intervention_refusal(site) is None,
         })
     return points
 

@@ -39,6 +39,7 @@ class ModelInfo:
     n_heads: int
     n_kv_heads: int
     d_head: int
+    d_mlp: int
     vocab_size: int
     context_length: int
     dtype: str
@@ -50,7 +51,8 @@ class ModelInfo:
     @property
     def dims(self) -> dict[str, int]:
         """The sizes `vocabulary.per_token_shape` reads."""
-        return {"d_model": self.d_model, "d_head": self.d_head, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads}
+        return {"d_model": self.d_model, "d_head": self.d_head, "d_mlp": self.d_mlp, "n_heads": self.n_heads,
+                "n_kv_heads": self.n_kv_heads}
 
 
 @dataclass
@@ -157,6 +159,7 @@ def load_model(model_path: str, model_id: str | None = None, progress: Progress 
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         d_head=d_head,
+        d_mlp=int(arch.d_mlp(model.args)),
         vocab_size=int(embed.weight.shape[0]),
         context_length=int(arch.context_length(model.args)),
         dtype=str(embed.weight.dtype).removeprefix("mlx.core."),

@@ -17,7 +17,8 @@ from typing import Any, Iterable
 from engine.errors import CaptureTooLarge, ContextLengthExceeded, InvalidArgument
 from engine.hooks import HookTarget, estimate_bytes, hook_specs, resolve_hooks
 from engine.model import LoadedModel
-from engine.params import CaptureOptions, HookSpec, SamplingParams
+from engine.interventions import Intervention, Sources, VectorLookup, intervention_specs, resolve_interventions
+from engine.params import CaptureOptions, HookSpec, InterventionSpec, LogprobOptions, SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -32,6 +33,8 @@ class GenerationPlan:
     targets: tuple[HookTarget, ...] | None
     capture: CaptureOptions
     capture_bytes: int = 0  # upper bound of the capture's size (estimate_bytes); 0 without hooks
+    logprobs: LogprobOptions = field(default_factory=LogprobOptions)  # what to report at each step
+    interventions: tuple[Intervention, ...] = ()  # in the order they apply
 
     @property
     def prompt_tokens(self) -> int:
@@ -51,18 +54,27 @@ def plan(
     hooks: Iterable[HookSpec | dict] | None = None,
     capture: CaptureOptions | None = None,
     capture_budget_bytes: int | None = None,
+    logprobs: LogprobOptions | None = None,
+    interventions: Iterable[InterventionSpec | dict] | None = None,
+    vectors: VectorLookup | None = None,
+    sources: Sources | None = None,
 ) -> GenerationPlan:
     """Resolve a request on `lm`. Exactly one of `messages` (a chat, rendered with the model's
     chat template) or `prompt` (raw text, or token ids). `hooks=None` (or empty) captures
-    nothing. Raises InvalidArgument (ContextLengthExceeded, UnknownHook) naming the argument
-    at fault, or CaptureTooLarge when the capture could exceed `capture_budget_bytes`."""
+    nothing; `logprobs` says which log-probabilities to report at each step (none by default).
+    `interventions` change tensors on every step; their `vector_id`s are looked up in `vectors`
+    and their patch sources with `sources` (engine.interventions).
+    Raises InvalidArgument (ContextLengthExceeded, UnknownHook) naming the argument at fault, or
+    CaptureTooLarge when the capture could exceed `capture_budget_bytes`."""
     sampling = sampling if sampling is not None else SamplingParams()
     capture = capture if capture is not None else CaptureOptions()
+    logprobs = logprobs if logprobs is not None else LogprobOptions()
     info = lm.info
     vocab = info.vocab_size
     if sampling.top_k > vocab:
         raise InvalidArgument(f"top_k is {sampling.top_k} but the model's vocabulary has {vocab} tokens; use at "
                               f"most {vocab} (0 turns top-k off)", "top_k")
+    check_vocabulary(logprobs.token_ids, vocab, "logprobs.token_ids")
     targets = resolve_hooks(lm, hook_specs(hooks, "hooks"), "hooks") if hooks is not None else []
 
     ids, arg = prompt_ids(lm, messages=messages, prompt=prompt)
@@ -80,6 +92,10 @@ def plan(
         # default is the rest of the context); an explicit value is never shortened.
         sampling = sampling.model_copy(update={"max_tokens": limit - n})
 
+    edits = ()
+    if interventions is not None:
+        edits = tuple(resolve_interventions(lm, intervention_specs(interventions), n, vectors=vectors,
+                                            sources=sources))
     size = 0
     if targets:
         size = estimate_bytes(lm, targets, n, sampling.max_tokens, capture)
@@ -89,7 +105,7 @@ def plan(
                 f"{capture_budget_bytes / 2**20:.0f} MiB; capture fewer hooks, lower max_tokens, "
                 "or capture positions 'last' or dtype 'float16'", "hooks")
     return GenerationPlan(lm=lm, prompt=tuple(ids), sampling=sampling, targets=tuple(targets) or None,
-                          capture=capture, capture_bytes=size)
+                          capture=capture, capture_bytes=size, logprobs=logprobs, interventions=edits)
 
 
 def prompt_ids(lm: LoadedModel, *, messages: Any = None, prompt: Any = None) -> tuple[list[int], str]:
@@ -120,11 +136,16 @@ def token_ids(values: list | tuple, vocab_size: int) -> list[int]:
         if isinstance(t, bool) or not isinstance(t, numbers.Integral):
             raise InvalidArgument(f"prompt[{i}] must be a token id, an integer (got {t!r})", f"prompt[{i}]")
         ids.append(int(t))
-    if min(ids) < 0 or max(ids) >= vocab_size:
-        i = next(i for i, t in enumerate(ids) if not 0 <= t < vocab_size)
-        raise InvalidArgument(f"prompt[{i}] is token id {ids[i]}, outside the model's vocabulary "
-                              f"(ids 0 to {vocab_size - 1})", f"prompt[{i}]")
+    check_vocabulary(ids, vocab_size, "prompt")
     return ids
+
+
+def check_vocabulary(ids: list[int], vocab_size: int, arg: str) -> None:
+    """Every id is a token of the model: InvalidArgument naming `arg[i]`, the first one that is not."""
+    i = next((i for i, t in enumerate(ids) if not 0 <= t < vocab_size), None)
+    if i is not None:
+        raise InvalidArgument(f"{arg}[{i}] is token id {ids[i]}, outside the model's vocabulary "
+                              f"(ids 0 to {vocab_size - 1})", f"{arg}[{i}]")
 
 
 def chat_messages(messages: Any) -> list[dict]:

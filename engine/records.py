@@ -27,7 +27,7 @@ class StepTensor:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.array.shape[1 if self.array.ndim == 3 else 0])
+        return int(self.array.shape[1 if self.array.ndim == 3 else 0])  # per-head tensors are [H, T, ...]
 
 
 @dataclass

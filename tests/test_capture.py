@@ -28,8 +28,10 @@ from engine.hooks import estimate_bytes, hook_points, hook_specs, resolve_hooks
 from engine.params import CaptureOptions, SamplingParams, parse
 from engine.plan import plan
 from engine.records import to_numpy
+from tests.reference import assert_close, assert_unchanged, snapshot, stepwise_logits
 from vocabulary import COMPONENT_NAMES as COMPONENTS
 from vocabulary import COMPONENTS as VOCABULARY
+from vocabulary import TL_BLOCK_HOOKS
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 6
@@ -42,7 +44,8 @@ SDPA = ("query", "key", "value", "attention_scores", "attention_pattern")
 def hf_reference(path, arch: str, token_ids: list[int]) -> dict[str, np.ndarray]:
     """name -> array for the whole sequence. Per layer i: i.resid_pre, i.resid_post, i.attn_in,
     i.attn_out, i.mlp_in, i.mlp_out, i.ln1_out, i.ln2_in, i.ln2_out, i.query [H,T,D], i.key,
-    i.value [KV,T,D], i.scores, i.pattern [H,T,T]; globals: embed, lnf_in, lnf_out, logits."""
+    i.value [KV,T,D], i.scores, i.pattern [H,T,T], i.z [H,T,D] (the output projection's input, per
+    head), i.post [T,d_mlp] (the MLP's down projection's input); globals: embed, lnf_in, lnf_out, logits."""
     import torch
     import transformers
     from transformers import AttentionInterface
@@ -81,6 +84,14 @@ def hf_reference(path, arch: str, token_ids: list[int]) -> dict[str, np.ndarray]
 
         module.register_forward_hook(hook, with_kwargs=True)
 
+    def tap_input(module, name, n_heads=None):
+        def hook(_mod, args):
+            x = args[0][0]
+            keep(name, x if n_heads is None else x.reshape(x.shape[0], n_heads, -1).transpose(0, 1))
+
+        module.register_forward_pre_hook(hook)
+
+    n_heads = model.config.num_attention_heads if arch != "gpt2" else model.config.n_head
     if arch != "gpt2":  # the llama layout: llama, qwen2, qwen3
         inner = model.model
         tap(inner.embed_tokens, None, "embed")
@@ -91,6 +102,8 @@ def hf_reference(path, arch: str, token_ids: list[int]) -> dict[str, np.ndarray]
             tap(layer.mlp, f"{i}.mlp_in", f"{i}.mlp_out")
             tap(layer.input_layernorm, None, f"{i}.ln1_out")
             tap(layer.post_attention_layernorm, f"{i}.ln2_in", f"{i}.ln2_out")
+            tap_input(layer.self_attn.o_proj, f"{i}.z", n_heads)
+            tap_input(layer.mlp.down_proj, f"{i}.post")
     else:
         inner = model.transformer
         tap(inner.wte, None, "embed")  # token embedding only; wpe is added after it
@@ -101,6 +114,8 @@ def hf_reference(path, arch: str, token_ids: list[int]) -> dict[str, np.ndarray]
             tap(block.mlp, f"{i}.mlp_in", f"{i}.mlp_out")
             tap(block.ln_1, None, f"{i}.ln1_out")
             tap(block.ln_2, f"{i}.ln2_in", f"{i}.ln2_out")
+            tap_input(block.attn.c_proj, f"{i}.z", n_heads)
+            tap_input(block.mlp.c_proj, f"{i}.post")
     with torch.no_grad():
         logits = model(torch.tensor([token_ids]), use_cache=False).logits
     keep("logits", logits[0])
@@ -108,7 +123,7 @@ def hf_reference(path, arch: str, token_ids: list[int]) -> dict[str, np.ndarray]
 
 
 # --------------------------------------------------------------------------------------------
-# What we capture: all ten components on all layers, plus every input variant.
+# What we capture: every component on all layers, plus every input variant.
 # --------------------------------------------------------------------------------------------
 def layer_name(arch: str, i: int) -> str:
     return f"model.layers.{i}" if arch != "gpt2" else f"transformer.h.{i}"
@@ -150,7 +165,8 @@ def full_specs(arch: str, n_layers: int) -> tuple[list[dict], dict[tuple[str, bo
         add({"hook_id": f"{i}.resid_mid", "layer_name": f"blocks.{i}.hook_resid_mid"}, f"{i}.ln2_in")
         add({"hook_id": f"{i}.embedding", "layer_name": name, "component": "embedding"}, "embed")
         for comp, ref in (("query", "query"), ("key", "key"), ("value", "value"),
-                          ("attention_scores", "scores"), ("attention_pattern", "pattern")):
+                          ("attention_scores", "scores"), ("attention_pattern", "pattern"),
+                          ("head_output", "z"), ("mlp_activation", "post")):
             add({"hook_id": f"{i}.{comp}", "layer_name": name, "component": comp}, f"{i}.{ref}")
     return specs, ref_of
 
@@ -161,18 +177,6 @@ def reference_slice(ref: np.ndarray, component: str, start: int, n: int) -> np.n
     if VOCABULARY[component].token_axis == 1:
         return ref[:, start:start + n]
     return ref[start:start + n]
-
-
-def assert_close(got: np.ndarray, want: np.ndarray, tol: float, what: str) -> None:
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    finite = np.isfinite(want)
-    if not finite.all():  # masked scores: -inf in both, compare the rest
-        assert np.array_equal(np.isneginf(got), np.isneginf(want)), f"{what}: masked entries differ"
-        got, want = got[finite], want[finite]
-    assert np.isfinite(got).all(), f"{what}: non-finite values"
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    err = float(np.abs(got - want).max()) / scale if want.size else 0.0
-    assert err <= tol, f"{what}: max error {err:.2e} relative to magnitude {scale:.3g} (tolerance {tol:.0e})"
 
 
 @dataclass
@@ -299,10 +303,12 @@ def test_decode_steps_have_one_query_and_all_keys(run):
             assert s.n_tokens == 1, rec.hook_id
             if rec.component in ("attention_scores", "attention_pattern"):
                 assert shape == (info.n_heads, 1, s.start + 1), (rec.hook_id, shape)
-            elif rec.component == "query":
+            elif rec.component in ("query", "head_output"):
                 assert shape == (info.n_heads, 1, info.d_head)
             elif rec.component in ("key", "value"):
                 assert shape == (info.n_kv_heads, 1, info.d_head)
+            elif rec.component == "mlp_activation":
+                assert shape == (1, info.d_mlp)
             else:
                 assert shape == (1, info.d_model)
 
@@ -327,29 +333,13 @@ def test_generation_identical_with_and_without_capture(run):
     assert run.generation.token_ids[len(run.prompt):] == run.plain_tokens
 
 
-def _stepwise_logits(lm, prompt, n_steps, capture=None):
-    """Our loop's forward steps by hand (prefill, then one token at a time), returning every logits row."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache, out, tokens, start = make_prompt_cache(lm.model), [], list(prompt), 0
-    for step in range(n_steps):
-        if capture is not None:
-            capture.begin_step(step, start)
-        logits = lm.model(mx.array(tokens)[None], cache=cache)[:, -1, :]
-        mx.eval(logits, *(capture.end_step() if capture is not None else ()))
-        out.append(np.array(logits))
-        start += len(tokens)
-        tokens = [int(np.argmax(out[-1]))]
-    return out
-
-
 def test_logits_bit_identical_with_and_without_capture(tiny):
     prompt = tiny.chat_prompt(PROMPT)
-    plain = _stepwise_logits(tiny, prompt, 5)
+    plain = stepwise_logits(tiny, prompt, 5)
     specs, _ = full_specs(tiny.info.architecture, tiny.info.n_layers)
     capture = capture_of(tiny, specs)
     with capture.installed(tiny):
-        captured = _stepwise_logits(tiny, prompt, 5, capture)
+        captured = stepwise_logits(tiny, prompt, 5, capture)
     assert sum(len(r.steps) for r in capture.records) > 0
     for a, b in zip(plain, captured):
         assert np.array_equal(a, b)
@@ -455,62 +445,30 @@ def test_capture_options_validation():
 # --------------------------------------------------------------------------------------------
 # Hooks leave no trace
 # --------------------------------------------------------------------------------------------
-def _snapshot(lm):
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import base, gpt2, llama
-
-    classes = {name: type(m) for name, m in lm.model.named_modules()}
-    params = dict(tree_flatten(lm.model.parameters()))
-    values = {k: np.array(v) for k, v in params.items()}
-    seams = {m.__name__: m.scaled_dot_product_attention for m in (llama, gpt2)}
-    assert all(f is base.scaled_dot_product_attention for f in seams.values())
-    return classes, params, values
-
-
-def _assert_unchanged(lm, before):
-    from mlx_lm.models import base, gpt2, llama
-
-    classes, params, values = before
-    assert {name: type(m) for name, m in lm.model.named_modules()} == classes
-    for m in lm.model.modules():
-        assert type(m) not in capture_mod._tapped_classes.values()
-    from mlx.utils import tree_flatten
-
-    now = dict(tree_flatten(lm.model.parameters()))
-    assert now.keys() == params.keys()
-    for k, v in now.items():
-        assert v is params[k] and np.array_equal(np.array(v), values[k]), k
-    assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
-    assert gpt2.scaled_dot_product_attention is base.scaled_dot_product_attention
-    assert capture_mod._active is None
-    assert capture_mod._INSTALL_LOCK.acquire(blocking=False)
-    capture_mod._INSTALL_LOCK.release()
-
-
 def _all_specs(lm):
     return full_specs(lm.info.architecture, lm.info.n_layers)[0]
 
 
 def test_model_unchanged_after_a_request(tiny):
-    before = _snapshot(tiny)
+    before = snapshot(tiny)
     prompt = tiny.chat_prompt(PROMPT)
     plain_before = plain_tokens(tiny, prompt)
     capture_run(tiny, prompt, _all_specs(tiny))
-    _assert_unchanged(tiny, before)
+    assert_unchanged(tiny, before)
     assert plain_tokens(tiny, prompt) == plain_before
 
 
 def test_hooks_are_installed_only_during_generation(tiny):
     from mlx_lm.models import base
 
-    before = _snapshot(tiny)
+    before = snapshot(tiny)
     events = generate(plan(tiny, prompt=tiny.chat_prompt(PROMPT), sampling=greedy(5), hooks=_all_specs(tiny)))
     capture = next(events).capture
     seam = sys.modules[type(tiny.model).__module__].scaled_dot_product_attention
     assert seam is not base.scaled_dot_product_attention
     assert any(type(m) in capture_mod._tapped_classes.values() for m in tiny.model.modules())
     events.close()  # the client went away after one token
-    _assert_unchanged(tiny, before)
+    assert_unchanged(tiny, before)
     # A later request does not feed the closed capture.
     counts = [len(r.steps) for r in capture.records]
     plain_tokens(tiny, tiny.chat_prompt(PROMPT))
@@ -519,7 +477,7 @@ def test_hooks_are_installed_only_during_generation(tiny):
 
 
 def test_exception_inside_a_hook_restores_everything(tiny, monkeypatch):
-    before = _snapshot(tiny)
+    before = snapshot(tiny)
     keep = Capture._keep
 
     def failing_keep(self, rec, array, axis):
@@ -530,16 +488,16 @@ def test_exception_inside_a_hook_restores_everything(tiny, monkeypatch):
     monkeypatch.setattr(Capture, "_keep", failing_keep)
     with pytest.raises(RuntimeError, match="boom"):
         list(generate(plan(tiny, prompt=tiny.chat_prompt(PROMPT), sampling=greedy(5), hooks=_all_specs(tiny))))
-    _assert_unchanged(tiny, before)
+    assert_unchanged(tiny, before)
 
 
 def test_exception_thrown_into_generation_restores_everything(tiny):
-    before = _snapshot(tiny)
+    before = snapshot(tiny)
     events = generate(plan(tiny, prompt=tiny.chat_prompt(PROMPT), sampling=greedy(5), hooks=_all_specs(tiny)))
     next(events)
     with pytest.raises(KeyboardInterrupt):
         events.throw(KeyboardInterrupt())
-    _assert_unchanged(tiny, before)
+    assert_unchanged(tiny, before)
 
 
 def test_second_capture_waits_for_the_first(tiny_llama):
@@ -638,7 +596,7 @@ def test_resolve_defaults(tiny_llama):
 def test_hook_points_list_every_point_with_its_shape(tiny):
     info = tiny.info
     points = hook_points(tiny)
-    assert len(points) == 2 + 14 * info.n_layers
+    assert len(points) == 2 + len(TL_BLOCK_HOOKS) * info.n_layers
     names = [p["name"] for p in points]
     assert len(set(names)) == len(names)
     # Every listed point resolves by name, and a capture of all of them has the listed shapes.
@@ -692,8 +650,8 @@ def test_real_model_all_components_equal_transformers(default_model, default_mod
 def test_real_model_logits_bit_identical_with_capture(default_model):
     lm = default_model
     prompt = lm.chat_prompt(PROMPT)
-    plain = _stepwise_logits(lm, prompt, 3)
+    plain = stepwise_logits(lm, prompt, 3)
     capture = capture_of(lm, full_specs("llama", lm.info.n_layers)[0])
     with capture.installed(lm):
-        captured = _stepwise_logits(lm, prompt, 3, capture)
+        captured = stepwise_logits(lm, prompt, 3, capture)
     assert all(np.array_equal(a, b) for a, b in zip(plain, captured))

@@ -17,6 +17,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import vocabulary
+
 from engine import capture as capture_mod
 from engine.api import Model
 from engine.capture import Capture
@@ -108,7 +110,13 @@ def test_register_refuses_a_registered_id(model):
 
 def test_hook_points(model):
     points = model.hook_points()
-    assert len(points) == 2 + 14 * model.info.n_layers
+    assert len(points) == 2 + len(vocabulary.TL_BLOCK_HOOKS) * model.info.n_layers
+    z = next(p for p in points if p["name"] == "blocks.1.attn.hook_z")
+    assert z["component"] == "head_output" and z["shape_per_token"] == [model.info.n_heads, model.info.d_head]
+    post = next(p for p in points if p["name"] == "blocks.2.mlp.hook_post")
+    assert post["component"] == "mlp_activation" and post["shape_per_token"] == [model.info.d_mlp]
+    assert post["module_path"].endswith(("mlp.down_proj", "mlp.c_proj")) and post["interventable"] and z["interventable"]
+    assert not next(p for p in points if p["name"] == "blocks.1.attn.hook_pattern")["interventable"]
     p = next(p for p in points if p["name"] == "blocks.1.attn.hook_pattern")
     assert p["layer"] == p["layer_index"] == 1 and p["component"] == "attention_pattern" and not p["is_input"]
     assert p["shape_per_token"] == [model.info.n_heads, -1] and p["aliases"][0] == "transformer.h.1"

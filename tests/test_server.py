@@ -10,6 +10,8 @@ test_server_config.py; the soak in test_server_soak.py.
 
 from __future__ import annotations
 
+import re
+
 import base64
 import json
 import socket
@@ -888,7 +890,7 @@ def _app_operations(tmp_path) -> set[tuple[str, str]]:
         ops = set()
         for route in app.routes:
             assert isinstance(route, Route), route
-            path = route.path.replace("{capture_id:capture_id}", "{capture_id}")  # the convertor is ours
+            path = re.sub(r"\{(\w+):\1\}", r"{\1}", route.path)  # the id convertors are ours
             ops |= {(path, m) for m in route.methods - {"HEAD"}}
         return ops
     finally:
@@ -904,11 +906,13 @@ def test_openapi_lists_exactly_the_routes(base, tmp_path):
     assert documented == _app_operations(tmp_path)
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
-            assert op["summary"] and "200" in op["responses"]
-            if "{capture_id}" in path:
-                assert [p["name"] for p in op["parameters"]] == ["capture_id"]
+            assert op["summary"] and ("200" in op["responses"] or "201" in op["responses"])
+            for param in ("capture_id", "vector_id"):
+                if "{" + param + "}" in path:
+                    assert [p["name"] for p in op["parameters"]] == [param]
             # Every documented operation exists on the running server: never 404-for-route or 405.
-            url = base + path.replace("{capture_id}", "cap_0000000000000000")
+            url = base + path.replace("{capture_id}", "cap_0000000000000000").replace("{vector_id}",
+                                                                                      "vec_0000000000000000")
             if (path, method) == ("/v1/models/load", "post"):
                 resp = requests.post(url, json={}, timeout=30)  # 400, not a load
             elif method == "post" and "requestBody" in op:
@@ -919,7 +923,8 @@ def test_openapi_lists_exactly_the_routes(base, tmp_path):
                 resp = requests.request(method.upper(), url, timeout=30)
             assert resp.status_code != 405, (path, method)
             if resp.status_code == 404:
-                assert "capture" in resp.json()["error"]["message"], (path, method)
+                assert "capture" in resp.json()["error"]["message"] or "vector" in resp.json()["error"]["message"], \
+                    (path, method)
     # The documented request schemas agree with the server's limits.
     def body_schema(path):
         ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]

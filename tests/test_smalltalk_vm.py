@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge.smalltalk import CHECKED_IN, generate_neuroscope_smalltalk_interface
+from bridge.smalltalk import CHECKED_IN, DEFAULT_COMPONENTS, generate_neuroscope_smalltalk_interface
 from tests.smalltalk_support import load_harness, strict_json_equal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,8 +85,7 @@ def test_harness_times_out_instead_of_hanging(tmp_path):
 UNIT_ENV_DEFAULT = {
     "NSB_EXPECT_BASE_URL": "http://127.0.0.1:8080", "NSB_EXPECT_HOST": "127.0.0.1", "NSB_EXPECT_PORT": "8080",
     "NSB_EXPECT_MODEL_ID": "smollm2-135m-instruct", "NSB_EXPECT_N_LAYERS": "30",
-    "NSB_EXPECT_COMPONENTS": json.dumps(["residual", "attention", "mlp", "embedding", "layernorm", "attention_scores",
-                                         "attention_pattern", "key", "query", "value"], separators=(",", ":")),
+    "NSB_EXPECT_COMPONENTS": json.dumps(list(DEFAULT_COMPONENTS), separators=(",", ":")),
 }
 
 
