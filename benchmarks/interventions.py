@@ -1,6 +1,6 @@
 """What interventions cost in generation, and an activation-patching sweep, on the default model.
 
-    python -m benchmarks.interventions [--quick] [--runs 3] [--tl-python PATH]
+    python -m benchmarks.interventions [--quick] [--tl-python PATH] [--parts steering ablation patching]
 
 Engine level (no HTTP), greedy; each comparison is measured side by side in this run
 (interleaved, the order rotating each round, after a warm-up; medians):
@@ -24,7 +24,9 @@ Engine level (no HTTP), greedy; each comparison is measured side by side in this
             layer) on the same model and token ids, driven run by run, so the four sweeps
             (MLX and TransformerLens, patched and plain) interleave run by run, the order rotating
             at each step; otherwise that part is skipped with the reason. A sweep's time is the
-            sum of its 31 runs' wall times (each side timing its own runs).
+            sum of its 31 runs' wall times (each side timing its own runs). The worker runs torch
+            with OMP_WAIT_POLICY=PASSIVE unless it is set (spinning OpenMP threads made each short
+            forward ~10x slower on a machine with other load); --tl-threads sets torch's threads.
 
 Sanity, recorded in the result: the positions each intervention touched at each step (the patch:
 the P prompt positions at step 0 only; steering and ablation: P, then 1 per decode step), that
@@ -54,6 +56,7 @@ STEER_COEFFICIENT = 64.0  # x a unit vector; the residual norm there is ~170 (x 
 STEER_TARGET = 1.05
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+PARTS = ("steering", "ablation", "patching")
 ANSWER, FOIL = " Mary", " John"  # the clean prompt's answer, and the corrupted one's
 
 
@@ -80,6 +83,8 @@ def tl_worker() -> None:
 
     def init(spec: dict) -> dict:
         torch.manual_seed(0)
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
         bridge = TransformerBridge.boot_transformers(spec["model_dir"], device="cpu", dtype=torch.float32)
         state.update(bridge=bridge, spec=spec, clean=torch.tensor([spec["clean_ids"]], dtype=torch.long),
                      corrupt=torch.tensor([spec["corrupt_ids"]], dtype=torch.long), cache=None)
@@ -92,7 +97,8 @@ def tl_worker() -> None:
             tl_version = version("transformer-lens")
         except Exception:
             tl_version = getattr(transformer_lens, "__version__", "?")
-        return {"transformer_lens": tl_version, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+        return {"transformer_lens": tl_version, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
     def logit_diff(logits) -> float:
         last = logits[0, -1].float()
@@ -157,7 +163,10 @@ class TLWorker:
     """A TransformerLens worker process, one sweep per call."""
 
     def __init__(self, python: str, spec: dict):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+               # torch's OpenMP threads spin-wait by default: with other load on the machine that made each
+               # short forward ~10x slower here (OpenBLAS's threads, which MLX uses, yield instead).
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         self.proc = subprocess.Popen([python, "-m", "benchmarks.interventions", "--tl-worker"], cwd=ROOT, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
         self.info = self.call({"cmd": "init", **spec})
@@ -195,14 +204,16 @@ class Engine:
         self._generate, self._plan, self._sources_from = generate, plan, sources_from
         self._sampling, self._logprobs = SamplingParams, LogprobOptions
 
-    def run(self, prompt, max_tokens: int, *, hooks=None, interventions=None, captures=(), token_ids=None) -> dict:
+    def run(self, prompt, max_tokens: int, *, hooks=None, interventions=None, captures=(), token_ids=None,
+            logprobs: bool = False) -> dict:
         """One greedy generation, timed (planning included, as a request pays it)."""
         gc.collect()  # MLX's buffer cache is kept, as in a running server
         c0, t0 = time.process_time(), time.perf_counter()
         sources = self._sources_from(*captures) if captures else None
         p = self._plan(self.lm, prompt=prompt, sampling=self._sampling(max_tokens=max_tokens, temperature=0.0),
                        hooks=hooks, interventions=interventions, sources=sources,
-                       logprobs=self._logprobs(token_ids=token_ids) if token_ids else None)
+                       logprobs=self._logprobs(token_ids=token_ids or [], logprobs=logprobs)
+                       if token_ids or logprobs else None)
         first = None
         for ev in self._generate(p):
             first = first or time.perf_counter()
@@ -210,6 +221,7 @@ class Engine:
         res = ev.result
         return {"total_s": total, "cpu_s": cpu, "prefill_s": first - t0, "decode_s": total - (first - t0),
                 "result": res, "tokens": res.token_ids[res.prompt_tokens:], "text": res.text,
+                "logprobs": [lp.logprob for lp in res.logprobs] if logprobs else None,
                 "touched": [iv["positions_touched"] for iv in res.interventions]}
 
 
@@ -288,16 +300,18 @@ def bench_ablation(eng: Engine, args, prompt: str) -> dict:
         return [{"layer_name": f"blocks.{layer}.attn.hook_z", "op": "zero", "heads": [args.head]}]
 
     for s in (None, spec(0)):  # warm-up
-        eng.run(prompt, args.ablate_decode, interventions=s)
-    plain, ablated, changed, touched_ok = [], [], 0, True
+        eng.run(prompt, args.ablate_decode, interventions=s, logprobs=True)
+    plain, ablated, changed, moved, touched_ok = [], [], 0, 0, True
     for layer in range(n):
         order = ("plain", "ablated") if layer % 2 == 0 else ("ablated", "plain")
         for name in order:
-            r = eng.run(prompt, args.ablate_decode, interventions=spec(layer) if name == "ablated" else None)
+            r = eng.run(prompt, args.ablate_decode, interventions=spec(layer) if name == "ablated" else None,
+                        logprobs=True)
             r.pop("result")
             (plain if name == "plain" else ablated).append(r)
         a, p = ablated[-1], plain[-1]
         changed += a["tokens"] != p["tokens"]
+        moved += a["logprobs"] != p["logprobs"]  # the log-probability of some generated token moved
         expected = [_expected_touched(args.ioi_tokens, len(a["tokens"]))]
         touched_ok &= a["touched"] == expected
         progress(f"ablation layer {layer:2d}: plain {p['total_s'] * 1e3:.0f} ms, head {args.head} zeroed "
@@ -311,7 +325,8 @@ def bench_ablation(eng: Engine, args, prompt: str) -> dict:
         "ratio": round(total_a / total_p, 3), "ratio_cpu": round(cpu_a / cpu_p, 3),
         "ratio_median_run": round(median([r["total_s"] for r in ablated]) / median([r["total_s"] for r in plain]), 3),
         "plain_ms_per_run": round(total_p / n * 1e3, 1), "ablated_ms_per_run": round(total_a / n * 1e3, 1),
-        "ablations_changing_output": changed, "positions_touched_example": ablated[0]["touched"],
+        "ablations_changing_output": changed, "ablations_changing_logprobs": moved,
+        "positions_touched_example": ablated[0]["touched"],
         "positions_touched_ok": touched_ok,
     }
 
@@ -357,7 +372,7 @@ def bench_patching(eng: Engine, args, worker: TLWorker | None, clean_ids, corrup
     sweeps: dict[str, list[dict]] = {k: [] for k in names}
     for rnd in range(args.patch_rounds + 1):  # round 0 warms up
         cur = {k: {"clean": None, "runs": []} for k in names}
-        for step in range(n + 1):  # step 0: the clean runs; then one corrupted run per layer
+        for step in range(n + 1 if rnd else 3):  # step 0: the clean runs; then one corrupted run per layer
             k = (rnd + step) % len(names)
             for name in names[k:] + names[:k]:
                 clean_fn, run_fn, patch = variants[name]
@@ -365,6 +380,8 @@ def bench_patching(eng: Engine, args, worker: TLWorker | None, clean_ids, corrup
                     cur[name]["clean"] = clean_fn(patch)
                 else:
                     cur[name]["runs"].append(run_fn(patch, step - 1))
+            if rnd and step % 10 == 0:
+                progress(f"patching round {rnd}: {step}/{n} layers")
         caps.clear()
         for name in names:
             c, runs = cur[name]["clean"], cur[name]["runs"]
@@ -373,7 +390,8 @@ def bench_patching(eng: Engine, args, worker: TLWorker | None, clean_ids, corrup
                  "runs_s": [r["total_s"] for r in runs], "clean_logit_diff": c["logit_diff"],
                  "logit_diffs": [r["logit_diff"] for r in runs], "touched": [r.get("touched") for r in runs]}
             progress(f"patching round {rnd}{' (warm-up)' if rnd == 0 else ''} {name:9s} sweep {s['sweep_s']:.2f}s "
-                     f"(clean {s['clean_s'] * 1e3:.0f} ms, {len(runs)} runs, median {median(s['runs_s']) * 1e3:.0f} ms)")
+                     f"(clean {s['clean_s'] * 1e3:.0f} ms, {len(runs)} runs, "
+                     f"median {median(s['runs_s']) * 1e3:.0f} ms)")
             if rnd:
                 sweeps[name].append(s)
 
@@ -384,6 +402,7 @@ def bench_patching(eng: Engine, args, worker: TLWorker | None, clean_ids, corrup
                 "cpu_s": round(median([r["cpu_s"] for r in rs]), 3),
                 "clean_ms": round(median([r["clean_s"] for r in rs]) * 1e3, 1),
                 "run_ms": round(median([x for r in rs for x in r["runs_s"]]) * 1e3, 1),
+                "run_ms_by_layer": [round(median([r["runs_s"][i] for r in rs]) * 1e3, 1) for i in range(n)],
                 "sweeps_s": [round(r["sweep_s"], 3) for r in rs]}
 
     mlx = {k.split("_", 1)[1]: summary(k) for k in names if k.startswith("mlx")}
@@ -402,6 +421,11 @@ def bench_patching(eng: Engine, args, worker: TLWorker | None, clean_ids, corrup
         "logit_diffs": [round(x, 4) for x in first["logit_diffs"]],
         "patched_fraction": [round((x - corrupt_ld) / span, 4) if span else None for x in first["logit_diffs"]],
         "deterministic": all(r["logit_diffs"] == first["logit_diffs"] for r in sweeps["mlx_patch"]),
+        "note": ("Patching the residual stream at every prompt position restores the clean run exactly, so the "
+                 "patched fraction is 1 at every layer (a check of the patch, not an IOI finding). MLX evaluates "
+                 "lazily: with the residual replaced at every prompt position, the layers below the patch are not "
+                 "needed for the first token and are not computed, so a run costs less the later its layer "
+                 "(run_ms_by_layer); TransformerLens computes every layer."),
     }
     if worker is not None:
         tl = {k.split("_", 1)[1]: summary(k) for k in names if k.startswith("tl")}
@@ -437,11 +461,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steer-layer", type=int, default=15, help="steering: the layer of hook_resid_post")
     ap.add_argument("--coefficient", type=float, default=STEER_COEFFICIENT,
                     help="steering: the unit vector's multiplier (64)")
-    ap.add_argument("--ablate-decode", type=int, default=None, help="ablation: generated tokens per run (16; --quick 8)")
+    ap.add_argument("--ablate-decode", type=int, default=None,
+                    help="ablation: generated tokens per run (16; --quick 8)")
     ap.add_argument("--head", type=int, default=0, help="ablation: the head zeroed")
-    ap.add_argument("--patch-rounds", type=int, default=None, help="patching: measured sweeps of each kind (5; --quick 2)")
+    ap.add_argument("--patch-rounds", type=int, default=None,
+                    help="patching: measured sweeps of each kind (5; --quick 2)")
     ap.add_argument("--tl-python", default=None, help="an interpreter with transformer_lens (or $NSBRIDGE_TL_PYTHON)")
+    ap.add_argument("--tl-threads", type=int, default=None,
+                    help="torch threads of the TransformerLens side (default: torch's own, one per core)")
     ap.add_argument("--model", default=None, help="Hugging Face-layout model folder (default: SmolLM2-135M)")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run (all)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.decode = args.decode or (32 if args.quick else 64)
@@ -472,101 +501,117 @@ def main(argv: list[str] | None = None) -> dict:
     args.ioi_tokens = len(corrupt_ids)
     prompt = build_prompt(lm, args.prompt)
     t_start = time.perf_counter()
+    result = {"model": lm.info.to_dict(), "quick": args.quick, "parts": args.parts}
+    print(f"\ninterventions: {lm.info.model_id}, engine level, greedy")
 
-    progress(f"{lm.info.model_id}: steering, prompt {len(prompt)} tokens + {args.decode} decoded, {args.runs} rounds")
-    steering = bench_steering(eng, args, prompt)
-    progress(f"ablation sweep: {lm.info.n_layers} layers x (plain, head {args.head} zeroed), {args.ablate_decode} "
-             "decoded tokens each")
-    ablation = bench_ablation(eng, args, CLEAN)
-
-    python, why = _tl_python(args.tl_python)
-    worker = tl_error = None
-    if python is not None:
-        progress(f"patching: TransformerLens worker in {python} ({why})")
+    if "steering" in args.parts:
+        progress(f"{lm.info.model_id}: steering, prompt {len(prompt)} tokens + {args.decode} decoded, "
+                 f"{args.runs} rounds")
+        result["steering"] = bench_steering(eng, args, prompt)
+        print_steering(result["steering"])
+    if "ablation" in args.parts:
+        progress(f"ablation sweep: {lm.info.n_layers} layers x (plain, head {args.head} zeroed), "
+                 f"{args.ablate_decode} decoded tokens each")
+        result["ablation"] = bench_ablation(eng, args, CLEAN)
+        print_ablation(result["ablation"])
+    if "patching" in args.parts:
+        python, why = _tl_python(args.tl_python)
+        worker = tl_error = None
+        if python is not None:
+            progress(f"patching: TransformerLens worker in {python} ({why})")
+            try:
+                worker = TLWorker(python, {"model_dir": model_dir, "clean_ids": clean_ids, "corrupt_ids": corrupt_ids,
+                                           "sites": [f"blocks.{i}.hook_resid_pre" for i in range(lm.info.n_layers)],
+                                           "answer": answer, "foil": foil, "threads": args.tl_threads})
+            except Exception as exc:
+                tl_error = f"the TransformerLens worker could not start: {exc}"
+                progress(tl_error)
+        else:
+            tl_error = why
+        progress(f"patching sweep: {lm.info.n_layers} layers, {args.patch_rounds} rounds"
+                 + (", with TransformerLens" if worker else ", MLX only"))
         try:
-            worker = TLWorker(python, {"model_dir": model_dir, "clean_ids": clean_ids, "corrupt_ids": corrupt_ids,
-                                       "sites": [f"blocks.{i}.hook_resid_pre" for i in range(lm.info.n_layers)],
-                                       "answer": answer, "foil": foil})
-        except Exception as exc:
-            tl_error = f"the TransformerLens worker could not start: {exc}"
-            progress(tl_error)
-    else:
-        tl_error = why
-    progress(f"patching sweep: {lm.info.n_layers} layers, {args.patch_rounds} rounds"
-             + (", with TransformerLens" if worker else ", MLX only"))
-    try:
-        patching = bench_patching(eng, args, worker, clean_ids, corrupt_ids, answer, foil)
-    finally:
-        if worker is not None:
-            worker.close()
-    patching["transformerlens_skipped"] = worker is None
-    if worker is None:
-        patching["transformerlens_reason"] = tl_error
-    patching["tl_python"] = python
+            patching = bench_patching(eng, args, worker, clean_ids, corrupt_ids, answer, foil)
+        finally:
+            if worker is not None:
+                worker.close()
+        patching["transformerlens_skipped"] = worker is None
+        if worker is None:
+            patching["transformerlens_reason"] = tl_error
+        patching["tl_python"] = python
+        result["patching"] = patching
+        print_patching(patching)
 
-    # --- tables ---
-    print(f"\ninterventions: {lm.info.model_id}, engine level, greedy\n")
-    print(f"steering: add (random unit vector x {args.coefficient:g}, residual norm there ~"
-          f"{steering['residual_norm_median']:.0f}) at {steering['site']}, all positions; prompt "
-          f"{steering['prompt_tokens']} + {steering['decode_tokens']} decoded, median of {args.runs} rounds")
-    print_table(["variant", "total s", "tok/s", "x plain", "x prefill", "x decode", "x best", "x cpu", "target"],
-                [[r["variant"], r["total_s"], r["tokens_per_s"], r["ratio_total"], r["ratio_prefill"],
-                  r["ratio_decode"], r["ratio_best"], r["ratio_cpu"], r["target"]] for r in steering["rows"]])
-    print(f"target <= {STEER_TARGET}x: {'met' if steering['target_met'] else 'NOT met'} ({steering['ratio']:.3f}x); "
-          f"steered text differs from plain: {steering['text_differs']}; positions touched as expected: "
-          f"{steering['positions_touched_ok']} ([{steering['prompt_tokens']}, 1 x {steering['decode_tokens'] - 1}])")
-    print(f"\nablation sweep: zero head {ablation['head']} of blocks.L.attn.hook_z, one run per layer "
-          f"({ablation['layers']}), prompt {ablation['prompt_tokens']} tokens + {ablation['decode_tokens']} decoded")
-    print_table(["sweep", "runs", "total s", "ms per run", "x plain", "x cpu"],
-                [["plain", ablation["layers"], ablation["plain_total_s"], ablation["plain_ms_per_run"], 1.0, 1.0],
-                 ["head ablated", ablation["layers"], ablation["ablated_total_s"], ablation["ablated_ms_per_run"],
-                  ablation["ratio"], ablation["ratio_cpu"]]])
-    print(f"ablations that changed the output: {ablation['ablations_changing_output']}/{ablation['layers']}; "
-          f"positions touched as expected: {ablation['positions_touched_ok']}")
-    print(f"\npatching sweep: clean capture of {patching['layers']} x hook_resid_pre, then {patching['layers']} "
-          f"corrupted runs each patching one layer at the {patching['prompt_tokens']} prompt positions; median of "
-          f"{patching['rounds']} sweeps")
-    prow = [["nsbridge (MLX)", "patch sweep", patching["mlx"]["patch"]["sweep_s"], patching["mlx"]["patch"]["clean_ms"],
-             patching["mlx"]["patch"]["run_ms"], patching["mlx"]["patch"]["cpu_s"]],
-            ["nsbridge (MLX)", "31 plain runs", patching["mlx"]["plain"]["sweep_s"],
-             patching["mlx"]["plain"]["clean_ms"], patching["mlx"]["plain"]["run_ms"], patching["mlx"]["plain"]["cpu_s"]]]
-    if worker is not None:
-        tl = patching["transformerlens"]
-        label = f"TransformerLens {tl['transformer_lens']}"
-        prow += [[label, "patch sweep", tl["patch"]["sweep_s"], tl["patch"]["clean_ms"], tl["patch"]["run_ms"],
-                  tl["patch"]["cpu_s"]],
-                 [label, "31 plain forwards", tl["plain"]["sweep_s"], tl["plain"]["clean_ms"], tl["plain"]["run_ms"],
-                  tl["plain"]["cpu_s"]]]
-    print_table(["implementation", "what", "sweep s", "clean ms", "ms per run", "cpu s"], prow)
-    print(f"patch sweep / plain runs (MLX): {patching['mlx_patch_over_plain']:.2f}x (cpu "
-          f"{patching['mlx_patch_over_plain_cpu']:.2f}x); positions touched per patch: "
-          f"{patching['positions_touched']} (expected {patching['positions_touched_expected']}: "
-          f"{patching['positions_touched_ok']})")
-    print(f"logit diff {ANSWER!r} - {FOIL!r}: clean {patching['clean_logit_diff']:.3f}, corrupted "
-          f"{patching['corrupted_logit_diff']:.3f}; patched fraction by layer: "
-          + " ".join(f"{x:.2f}" for x in patching["patched_fraction"] if x is not None))
-    if worker is not None:
-        print(f"MLX sweep / TransformerLens sweep: {patching['ratio_vs_transformerlens']:.2f}x (best-of "
-              f"{patching['ratio_vs_transformerlens_best']:.2f}x, cpu {patching['ratio_vs_transformerlens_cpu']:.2f}x); "
-              f"logit-difference curves agree to {patching['transformerlens']['logit_diff_max_abs_diff']:.1e}")
-    else:
-        print(f"TransformerLens: skipped: {tl_error}")
-
-    result = {
-        "description": (
-            f"Engine level (no HTTP), {lm.info.model_id}, greedy. Steering: median of {args.runs} interleaved rounds "
-            "after a warm-up, plain vs steered generation. Ablation: one plain and one ablated run per layer, "
-            "interleaved; ratio of the sweeps' total wall times. Patching: clean capture + 30 patched corrupted runs "
-            "(max_tokens 1), beside 31 plain runs (and TransformerLens's sweep when available), interleaved run by "
-            f"run; a sweep's time is the sum of its runs' wall times, median of {args.patch_rounds} rounds after a "
-            "warm-up. Planning (tokenizing, resolving) is inside every timed MLX run; TransformerLens is given the "
-            "same token ids."),
-        "model": lm.info.to_dict(), "quick": args.quick, "steering": steering, "ablation": ablation,
-        "patching": patching, "seconds": round(time.perf_counter() - t_start, 1), "machine": machine_info(),
-    }
+    result["description"] = (
+        f"Engine level (no HTTP), {lm.info.model_id}, greedy. Steering: median of {args.runs} interleaved rounds "
+        "after a warm-up, plain vs steered generation. Ablation: one plain and one ablated run per layer, "
+        "interleaved; ratio of the sweeps' total wall times. Patching: clean capture + 30 patched corrupted runs "
+        "(max_tokens 1), beside 31 plain runs (and TransformerLens's sweep when available), interleaved run by "
+        f"run; a sweep's time is the sum of its runs' wall times, median of {args.patch_rounds} rounds after a "
+        "warm-up. Planning (tokenizing, resolving) is inside every timed MLX run; TransformerLens is given the "
+        "same token ids.")
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    result["machine"] = machine_info()
     path = write_result("interventions", result, args.out)
     progress(f"wrote {path}")
     return result
+
+
+# --- tables ------------------------------------------------------------------------------------------
+def print_steering(st: dict) -> None:
+    print(f"\nsteering: add (random unit vector x {st['coefficient']:g}, residual norm there ~"
+          f"{st['residual_norm_median']:.0f}) at {st['site']}, all positions; prompt {st['prompt_tokens']} + "
+          f"{st['decode_tokens']} decoded, median of {st['runs']} rounds")
+    print_table(["variant", "total s", "tok/s", "x plain", "x prefill", "x decode", "x best", "x cpu", "target"],
+                [[r["variant"], r["total_s"], r["tokens_per_s"], r["ratio_total"], r["ratio_prefill"],
+                  r["ratio_decode"], r["ratio_best"], r["ratio_cpu"], r["target"]] for r in st["rows"]])
+    print(f"target <= {st['target']}x: {'met' if st['target_met'] else 'NOT met'} ({st['ratio']:.3f}x); "
+          f"steered text differs from plain: {st['text_differs']}; positions touched as expected: "
+          f"{st['positions_touched_ok']} ([{st['prompt_tokens']}, 1 x {st['decode_tokens'] - 1}])")
+
+
+def print_ablation(ab: dict) -> None:
+    print(f"\nablation sweep: zero head {ab['head']} of blocks.L.attn.hook_z, one run per layer "
+          f"({ab['layers']}), prompt {ab['prompt_tokens']} tokens + {ab['decode_tokens']} decoded")
+    print_table(["sweep", "runs", "total s", "ms per run", "x plain", "x cpu"],
+                [["plain", ab["layers"], ab["plain_total_s"], ab["plain_ms_per_run"], 1.0, 1.0],
+                 ["head ablated", ab["layers"], ab["ablated_total_s"], ab["ablated_ms_per_run"], ab["ratio"],
+                  ab["ratio_cpu"]]])
+    print(f"ablations that changed the output: {ab['ablations_changing_output']}/{ab['layers']}, "
+          f"the generated tokens' log-probabilities: {ab['ablations_changing_logprobs']}/{ab['layers']}; "
+          f"positions touched as expected: {ab['positions_touched_ok']}")
+
+
+def print_patching(pa: dict) -> None:
+    print(f"\npatching sweep: clean capture of {pa['layers']} x hook_resid_pre, then {pa['layers']} corrupted runs "
+          f"each patching one layer at the {pa['prompt_tokens']} prompt positions; median of {pa['rounds']} sweeps")
+    mlx = pa["mlx"]
+    rows = [["nsbridge (MLX)", "patch sweep", mlx["patch"]["sweep_s"], mlx["patch"]["clean_ms"],
+             mlx["patch"]["run_ms"], mlx["patch"]["cpu_s"]],
+            ["nsbridge (MLX)", "31 plain runs", mlx["plain"]["sweep_s"], mlx["plain"]["clean_ms"],
+             mlx["plain"]["run_ms"], mlx["plain"]["cpu_s"]]]
+    tl = pa.get("transformerlens")
+    if tl:
+        label = f"TransformerLens {tl['transformer_lens']} ({tl['torch_threads']} thr)"
+        rows += [[label, "patch sweep", tl["patch"]["sweep_s"], tl["patch"]["clean_ms"], tl["patch"]["run_ms"],
+                  tl["patch"]["cpu_s"]],
+                 [label, "31 plain forwards", tl["plain"]["sweep_s"], tl["plain"]["clean_ms"], tl["plain"]["run_ms"],
+                  tl["plain"]["cpu_s"]]]
+    print_table(["implementation", "what", "sweep s", "clean ms", "ms per run", "cpu s"], rows)
+    print(f"patch sweep / plain runs (MLX): {pa['mlx_patch_over_plain']:.2f}x "
+          f"(cpu {pa['mlx_patch_over_plain_cpu']:.2f}x); positions touched per patch: {pa['positions_touched']} "
+          f"(expected {pa['positions_touched_expected']}: {pa['positions_touched_ok']})")
+    print("MLX patched run ms by layer (lazy evaluation skips the layers below a full patch): "
+          + " ".join(f"{x:.0f}" for x in mlx["patch"]["run_ms_by_layer"]))
+    print(f"logit diff {pa['answer']!r} - {pa['foil']!r}: clean {pa['clean_logit_diff']:.3f}, corrupted "
+          f"{pa['corrupted_logit_diff']:.3f}; patched fraction by layer: "
+          + " ".join(f"{x:.2f}" for x in pa["patched_fraction"] if x is not None))
+    if tl:
+        print(f"MLX sweep / TransformerLens sweep: {pa['ratio_vs_transformerlens']:.2f}x (best-of "
+              f"{pa['ratio_vs_transformerlens_best']:.2f}x, cpu {pa['ratio_vs_transformerlens_cpu']:.2f}x); "
+              f"logit-difference curves agree to {tl['logit_diff_max_abs_diff']:.1e}")
+    else:
+        print(f"TransformerLens: skipped: {pa.get('transformerlens_reason')}")
 
 
 if __name__ == "__main__":

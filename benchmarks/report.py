@@ -162,13 +162,13 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 # --- the report -----------------------------------------------------------------------------
 BENCHMARKS = ("shm_throughput", "transport_e2e", "capture_overhead", "scaling", "server_load",
-              "reference_transformerlens")
+              "reference_transformerlens", "interventions")
 
 
 def load_results(results_dir: Path = RESULTS_DIR, only: set[str] | None = None) -> dict[str, dict]:
     out = {}
     for name in ("shm_throughput", "capture_overhead", "transport_e2e", "server_load", "scaling",
-                 "reference_transformerlens"):
+                 "reference_transformerlens", "interventions"):
         if only is not None and name not in only:
             continue
         p = results_dir / f"{name}.json"
@@ -290,6 +290,61 @@ def section_reference(r: dict) -> str:
     return f"{head}\n{r.get('description', '')}\n\n{table}\n\n{r.get('note', '')}\n"
 
 
+def section_interventions(r: dict) -> str:
+    head = "### Interventions: steering, head ablation, activation patching (`interventions`)\n"
+    parts = [head, r.get("description", "") + "\n"]
+    st = r.get("steering")
+    if st:
+        parts.append(f"**Steering**: `add` of a random unit vector x {st['coefficient']:g} at `{st['site']}`, every "
+                     f"position (residual norm there ~{st.get('residual_norm_median', 0):.0f}); prompt "
+                     f"{st['prompt_tokens']} + {st['decode_tokens']} decoded tokens. Target <= {st['target']}x: "
+                     f"{'met' if st['target_met'] else 'NOT met'}. Steered text differs from plain: "
+                     f"{st['text_differs']}; positions touched as expected: {st['positions_touched_ok']}.\n")
+        parts.append(md_table(["variant", "total s", "tok/s", "x plain", "prefill x", "decode x", "best-of x",
+                               "cpu time x", "target"],
+                              [[x["variant"], x["total_s"], x["tokens_per_s"], x["ratio_total"], x["ratio_prefill"],
+                                x["ratio_decode"], x["ratio_best"], x["ratio_cpu"], x["target"]]
+                               for x in st["rows"]]) + "\n")
+    ab = r.get("ablation")
+    if ab:
+        parts.append(f"**Head-ablation sweep**: head {ab['head']} of `{ab['site']}` zeroed, one run per layer "
+                     f"({ab['layers']}), beside a plain run each; prompt {ab['prompt_tokens']} + "
+                     f"{ab['decode_tokens']} decoded tokens. Ablations that changed the generated tokens: "
+                     f"{ab['ablations_changing_output']}/{ab['layers']}, their log-probabilities: "
+                     f"{ab.get('ablations_changing_logprobs', '-')}/{ab['layers']}.\n")
+        parts.append(md_table(["sweep", "runs", "total s", "ms per run", "x plain", "cpu time x"],
+                              [["plain", ab["layers"], ab["plain_total_s"], ab["plain_ms_per_run"], 1.0, 1.0],
+                               ["head ablated", ab["layers"], ab["ablated_total_s"], ab["ablated_ms_per_run"],
+                                ab["ratio"], ab["ratio_cpu"]]]) + "\n")
+    pa = r.get("patching")
+    if pa:
+        rows = [["nsbridge (MLX)", "clean capture + 30 patched runs", pa["mlx"]["patch"]["sweep_s"],
+                 pa["mlx"]["patch"]["clean_ms"], pa["mlx"]["patch"]["run_ms"], pa["mlx"]["patch"]["cpu_s"]],
+                ["nsbridge (MLX)", "31 plain runs", pa["mlx"]["plain"]["sweep_s"], pa["mlx"]["plain"]["clean_ms"],
+                 pa["mlx"]["plain"]["run_ms"], pa["mlx"]["plain"]["cpu_s"]]]
+        tl = pa.get("transformerlens")
+        if tl:
+            label = f"TransformerLens {tl.get('transformer_lens')} (torch {tl.get('torch')}, {tl.get('torch_threads')} threads)"
+            rows += [[label, "run_with_cache + 30 run_with_hooks", tl["patch"]["sweep_s"], tl["patch"]["clean_ms"],
+                      tl["patch"]["run_ms"], tl["patch"]["cpu_s"]],
+                     [label, "31 plain forwards", tl["plain"]["sweep_s"], tl["plain"]["clean_ms"],
+                      tl["plain"]["run_ms"], tl["plain"]["cpu_s"]]]
+        parts.append(f"**Activation-patching sweep** (`{pa['sites']}`, every prompt position, {pa['prompt_tokens']} "
+                     f"tokens, max_tokens 1): \"{pa['prompts']['clean']}\" patched into \"{pa['prompts']['corrupted']}\"; "
+                     f"positions touched per patch {pa['positions_touched']} (as expected: {pa['positions_touched_ok']}); "
+                     f"logit difference clean {pa['clean_logit_diff']:.2f}, corrupted {pa['corrupted_logit_diff']:.2f}.\n")
+        parts.append(md_table(["implementation", "what", "sweep s", "clean ms", "ms per run", "cpu s"], rows) + "\n")
+        if tl:
+            parts.append(f"MLX sweep / TransformerLens sweep: {pa['ratio_vs_transformerlens']:.2f}x (best-of "
+                         f"{pa['ratio_vs_transformerlens_best']:.2f}x, cpu {pa['ratio_vs_transformerlens_cpu']:.2f}x); "
+                         f"the two implementations' logit differences agree to {tl['logit_diff_max_abs_diff']:.1e}.\n")
+        else:
+            parts.append(f"TransformerLens: skipped: {pa.get('transformerlens_reason', '')}\n")
+        if pa.get("note"):
+            parts.append(pa["note"] + "\n")
+    return "\n".join(parts) if len(parts) > 2 else ""
+
+
 def summary_markdown(results: dict[str, dict], machine: dict, headline: list[list[Any]] | None = None) -> str:
     m = machine
     lines = ["## Latest results", "",
@@ -307,7 +362,8 @@ def summary_markdown(results: dict[str, dict], machine: dict, headline: list[lis
         lines += ["### Headline", "", md_table(["measure", "value", "context"], headline), ""]
     for name, fn in (("shm_throughput", section_shm), ("transport_e2e", section_transport),
                      ("capture_overhead", section_capture), ("scaling", section_scaling),
-                     ("server_load", section_server), ("reference_transformerlens", section_reference)):
+                     ("server_load", section_server), ("reference_transformerlens", section_reference),
+                     ("interventions", section_interventions)):
         if name in results:
             try:
                 text = fn(results[name])
@@ -352,6 +408,21 @@ def headline_rows(results: dict[str, dict]) -> list[list[Any]]:
     for x in ref.get("rows", []):
         if x.get("headline"):
             out.append([f"{x['impl']}: {x['what']}", _pct(x.get("overhead_pct")), f"{x['ms']:.0f} ms"])
+    iv = results.get("interventions", {})
+    st, ab, pa = iv.get("steering"), iv.get("ablation"), iv.get("patching")
+    if st:
+        out.append(["generation time, one steering vector (add, all positions)", f"{st['ratio']:.2f}x",
+                    f"{st['prompt_tokens']} + {st['decode_tokens']} tokens, target <= {st['target']}x "
+                    f"({'met' if st['target_met'] else 'not met'})"])
+    if ab:
+        out.append(["head-ablation sweep vs plain runs", f"{ab['ratio']:.2f}x",
+                    f"{ab['layers']} runs, {ab['ablated_ms_per_run']:.0f} vs {ab['plain_ms_per_run']:.0f} ms per run"])
+    if pa:
+        ctx = f"clean capture + {pa['layers']} patched runs, {pa['prompt_tokens']} tokens"
+        if pa.get("ratio_vs_transformerlens") is not None:
+            ctx += (f"; TransformerLens {pa['transformerlens']['patch']['sweep_s']:.1f} s "
+                    f"({pa['ratio_vs_transformerlens']:.2f}x)")
+        out.append(["activation-patching sweep (resid_pre, all layers)", f"{pa['mlx']['patch']['sweep_s']:.1f} s", ctx])
     for block in results.get("server_load", {}).get("models", []):
         for x in block["rows"]:
             if x["scenario"] == "chat":
@@ -384,6 +455,8 @@ def plot(results: dict[str, dict], path: Path, machine: dict | None = None) -> P
         panels.append(_plot_server)
     if results.get("reference_transformerlens", {}).get("rows"):
         panels.append(_plot_reference)
+    if results.get("interventions", {}).get("patching", {}).get("mlx"):
+        panels.append(_plot_interventions)
     if not panels:
         return None
     ncols = 3 if len(panels) > 4 else 2
@@ -526,6 +599,23 @@ def _plot_reference(ax, results):
     ax.tick_params(axis="y", labelsize=7)
     ax.invert_yaxis()
     ax.grid(True, axis="x", alpha=0.3)
+
+
+def _plot_interventions(ax, results):
+    pa = results["interventions"]["patching"]
+    series = [("nsbridge (MLX): patched", pa["mlx"]["patch"], "o-"), ("nsbridge (MLX): plain", pa["mlx"]["plain"], "k--")]
+    tl = pa.get("transformerlens")
+    if tl:
+        series += [("TransformerLens: patched", tl["patch"], "s-"), ("TransformerLens: plain", tl["plain"], "k:")]
+    for label, s, style in series:
+        ys = s.get("run_ms_by_layer")
+        if ys:
+            ax.plot(range(len(ys)), ys, style, label=f"{label} (sweep {s['sweep_s']:.1f} s)", markersize=3)
+    ax.set_xlabel("patched layer (hook_resid_pre, every prompt position)")
+    ax.set_ylabel("ms per corrupted run (median)")
+    ax.set_title(f"Activation-patching sweep, {pa.get('prompt_tokens', '?')} tokens", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 # --- README ----------------------------------------------------------------------------------

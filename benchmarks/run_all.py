@@ -35,6 +35,7 @@ ARGS = {
     "scaling": ([], ["--quick"]),
     "server_load": ([], ["--quick"]),
     "reference_transformerlens": ([], ["--quick"]),
+    "interventions": ([], ["--quick"]),
 }
 TIMEOUT_S = {"capture_overhead": 900, "default": 900}
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer runs (about half the time)")
     ap.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
     ap.add_argument("--skip", nargs="+", choices=BENCHMARKS, default=[], help="do not run these")
-    ap.add_argument("--tl-python", help="interpreter with transformer_lens for the reference benchmark "
+    ap.add_argument("--tl-python", help="interpreter with transformer_lens for the TransformerLens comparisons "
                                         "(or $NSBRIDGE_TL_PYTHON)")
     ap.add_argument("--no-readme", action="store_true", help="leave benchmarks/README.md alone")
     args = ap.parse_args(argv)

@@ -17,6 +17,9 @@
     for event in client.generate_with_activations(msgs, hooks, stream=True):
         print(event.text, event.steps)
 
+    # Raw text (or token ids) continued without the chat template: prompt= instead of messages.
+    client.chat(prompt="When Mary and John went to the store, John gave a drink to", max_tokens=1)
+
 Every non-2xx answer (and every error event inside a stream) raises `NeuroScopeServerError`
 with the server's status, message, type, param and code. Network failures raise
 `NeuroScopeConnectionError`. Both derive from `NeuroScopeError`.
@@ -573,6 +576,44 @@ def _messages(messages: Any) -> list[dict]:
     return list(messages)
 
 
+def _raw_prompt(prompt: Any) -> "str | list[int]":
+    """A raw prompt as the request field `prompt` takes it: text, or a list of token ids
+    (ints or numpy integers; a numpy array works too)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, np.ndarray):
+        prompt = prompt.tolist()
+    if isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in prompt):
+        return [int(t) for t in prompt]
+    raise TypeError(f"prompt must be raw text (a str) or a list of token ids (ints), not {type(prompt).__name__}")
+
+
+def _prompt_field(messages: Any, prompt: Any) -> dict:
+    """The request's input, exactly one of {"messages": the chat (through the chat template)} or
+    {"prompt": raw text or token ids (continued without the chat template)}."""
+    if prompt is not None:
+        if messages is not None:
+            raise ValueError("give either messages (a chat) or prompt= (raw text or token ids), not both")
+        return {"prompt": _raw_prompt(prompt)}
+    if messages is None:
+        raise ValueError("give messages (a chat; a str is one user message) or prompt= (raw text or token ids)")
+    return {"messages": _messages(messages)}
+
+
+def _analysis_input(prompt: Any) -> dict:
+    """The input of the analysis methods (logit_difference, patching_sweep) as chat()'s keywords:
+    a str or a list of token ids is a raw prompt (prompt=, no chat template); a list of message
+    dicts is a chat (messages=). chat() itself differs: there a bare str is one user message."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        return {"messages": list(prompt)}
+    try:
+        return {"prompt": _raw_prompt(prompt)}
+    except TypeError:
+        raise TypeError("give the prompt as raw text (a str), a list of token ids, or a chat (a list of message "
+                        f"dicts {{role, content}}), not {type(prompt).__name__} {str(prompt)[:60]!r}") from None
+
+
 def _hooks(hooks: Iterable | None) -> list[dict] | None:
     if hooks is None:
         return None
@@ -812,12 +853,19 @@ class LMStudioNeuroScopeClient:
         return self.request("POST", "/v1/models/load", body)
 
     # --- chat -----------------------------------------------------------------------------
-    def chat(self, messages: Any, max_tokens: int = 256, temperature: float = 0.7, stream: bool = False, *,
+    def chat(self, messages: Any = None, max_tokens: int = 256, temperature: float = 0.7, stream: bool = False, *,
+             prompt: "str | Sequence[int] | None" = None,
              interventions: Iterable | None = None, baseline: bool = False, logprobs: bool | None = None,
              top_logprobs: int | None = None, logprob_token_ids: Iterable[int] | None = None,
              **extra) -> ChatCompletion | ChatStream:
         """POST /v1/chat/completions. Returns the completion (a dict with `.text`), or with
         `stream=True` a `ChatStream` that yields the text deltas.
+
+        The input is exactly one of `messages` (a chat: a list of {role, content} dicts; a str is
+        one user message, sent through the chat template) or `prompt=` (raw text, or a list of
+        token ids, continued without the chat template: what interpretability prompts such as
+        "When Mary and John went to the store, John gave a drink to" need). Both or neither
+        raise ValueError.
 
         `interventions`: [{layer_name, component?, op, coefficient?, vector? | vector_id?, min?,
         max?, positions?, heads?, indices?, source?}] (docs/interventions.md; numpy vectors are
@@ -825,7 +873,7 @@ class LMStudioNeuroScopeClient:
         the interventions (same sampling and seed) -> `.baseline`. `logprobs`, `top_logprobs`
         (OpenAI's) and `logprob_token_ids` (the log-probabilities of these token ids at every
         generated token) -> `.logprobs`. Each is sent only when given."""
-        body = {"messages": _messages(messages), "max_tokens": max_tokens, "temperature": temperature,
+        body = {**_prompt_field(messages, prompt), "max_tokens": max_tokens, "temperature": temperature,
                 "stream": bool(stream),
                 **_generation_fields(interventions, baseline, logprobs, top_logprobs, logprob_token_ids),
                 **extra}
@@ -833,9 +881,10 @@ class LMStudioNeuroScopeClient:
             return ChatStream(self._raw("POST", "/v1/chat/completions", body, stream=True))
         return ChatCompletion(self.request("POST", "/v1/chat/completions", body))
 
-    def generate_with_activations(self, messages: Any, activation_hooks: Iterable | None = None,
+    def generate_with_activations(self, messages: Any = None, activation_hooks: Iterable | None = None,
                                   max_tokens: int = 100, temperature: float = 0.7, stream: bool = False,
-                                  transport: str = "inline", *, encoding: str | None = None,
+                                  transport: str = "inline", *, prompt: "str | Sequence[int] | None" = None,
+                                  encoding: str | None = None,
                                   positions: str | None = None, dtype: str | None = None,
                                   interventions: Iterable | None = None, baseline: bool = False,
                                   logprobs: bool | None = None, top_logprobs: int | None = None,
@@ -843,7 +892,8 @@ class LMStudioNeuroScopeClient:
                                   **extra) -> "ActivationResult | ShmCapture | ActivationStream":
         """POST /v1/chat/completions/with_activations.
 
-        `activation_hooks`: [{layer_name, component, hook_id?, capture_input?, capture_output?}]
+        The input: `messages` (a chat; a str is one user message) or `prompt=` (raw text or token
+        ids, continued without the chat template), exactly one, as in `chat()`. `activation_hooks`: [{layer_name, component, hook_id?, capture_input?, capture_output?}]
         (or TransformerLens names as strings); None uses the hooks registered on the server.
         `transport`: "inline" -> `ActivationResult` (the response dict); "shm" -> an open
         `ShmCapture` (zero-copy arrays; close it). `stream=True` -> an `ActivationStream` of
@@ -855,7 +905,7 @@ class LMStudioNeuroScopeClient:
         are sent as they are."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
-        body: dict = {"messages": _messages(messages), "max_tokens": max_tokens, "temperature": temperature,
+        body: dict = {**_prompt_field(messages, prompt), "max_tokens": max_tokens, "temperature": temperature,
                       "stream": bool(stream), "activations_transport": transport}
         hooks = _hooks(activation_hooks)
         if hooks is not None:
@@ -1008,33 +1058,49 @@ class LMStudioNeuroScopeClient:
         return self.request("POST", "/v1/vectors", body).get("data", [])
 
     # --- interventions --------------------------------------------------------------------
-    def compare_with_baseline(self, messages: Any, interventions: Iterable,
+    def compare_with_baseline(self, messages: Any = None, interventions: Iterable | None = None, *,
+                              prompt: "str | Sequence[int] | None" = None,
                               **kw) -> tuple[ChatCompletion, ChatCompletion]:
         """One request with `interventions` and baseline=True -> (steered, baseline): the
         intervened completion and the same request without interventions (same sampling and
-        seed; the server picks a seed for both when none is given). `kw` as in `chat()`."""
+        seed; the server picks a seed for both when none is given). The input is `messages` (a
+        chat; a str is one user message) or `prompt=` (raw text or token ids), as in `chat()`;
+        `kw` as in `chat()`:
+
+            client.compare_with_baseline(prompt="When Mary and John went to the store, John gave a drink to",
+                                         interventions=[{"layer_name": "blocks.23.attn.hook_z", "op": "zero",
+                                                         "heads": [3]}], max_tokens=1, temperature=0)
+        """
         if kw.get("stream"):
             raise ValueError("compare_with_baseline does not stream; use chat(..., baseline=True, stream=True)")
+        if interventions is None:
+            raise ValueError("compare_with_baseline needs interventions (the baseline is the run without them)")
         kw.pop("baseline", None)
-        steered = self.chat(messages, interventions=interventions, baseline=True, **kw)
+        steered = self.chat(messages, interventions=interventions, baseline=True, prompt=prompt, **kw)
         base = steered.baseline
         if base is None:
             raise NeuroScopeError("the server sent no baseline (does it support interventions?)")
         return steered, base
 
-    def logit_difference(self, messages: Any, target: int, foil: int, interventions: Iterable | None = None,
+    def logit_difference(self, prompt: Any, target: int, foil: int, interventions: Iterable | None = None,
                          **kw) -> float:
         """logit(target) - logit(foil) at the first generated token (greedy, one token), from
         the log-probabilities of both ids (log-softmax differences are logit differences).
-        `target`, `foil`: token ids (ints; the server has no tokenize endpoint: take ids from a
-        response's `token_ids` or `logprobs`, or from the model's tokenizer). `interventions`
-        change the run; other keyword arguments go to `chat()`."""
+
+        `prompt`: a str or a list of token ids is a raw prompt, continued without the chat
+        template (what IOI-style prompts need); a list of message dicts ({role, content}) is a
+        chat, sent through the template. (This differs from `chat()`, where a bare str is one
+        user message: wrap it, `[{"role": "user", "content": text}]`, to measure through the
+        template.) `target`, `foil`: token ids (ints; the server has no tokenize endpoint: take
+        ids from a response's `token_ids` or `logprobs`, or from the model's tokenizer).
+        `interventions` change the run; other keyword arguments go to `chat()`."""
         if kw.get("stream"):
             raise ValueError("logit_difference does not stream")
         t, f = _token_id(target), _token_id(foil)
         kw.setdefault("max_tokens", 1)
         kw.setdefault("temperature", 0.0)
-        resp = self.chat(messages, interventions=interventions, logprob_token_ids=[t] if t == f else [t, f], **kw)
+        resp = self.chat(**_analysis_input(prompt), interventions=interventions,
+                         logprob_token_ids=[t] if t == f else [t, f], **kw)
         return _logit_diff(resp, t, f)
 
     def patching_sweep(self, clean: Any, corrupted: Any, target: int, foil: int, *, site: str = "resid_pre",
@@ -1048,15 +1114,20 @@ class LMStudioNeuroScopeClient:
         logit(foil) at the first generated token. (3) The clean capture is released, also when
         a step fails. Both prompts must have the same number of tokens.
 
+        `clean`, `corrupted`: a str or a list of token ids is a raw prompt, continued without
+        the chat template (what IOI-style prompts need); a list of message dicts ({role,
+        content}) is a chat, sent through the template. (This differs from `chat()`, where a
+        bare str is one user message.)
+
         `site`: "resid_pre" | "resid_post" | "attn_out" | "mlp_out" (blocks.N.hook_<site>) or
         "head" (blocks.N.attn.hook_z, one head at a time); `layers`: default all (negative
         indices count from the end); `target`, `foil`: token ids; `kw`: more request fields
         (e.g. chat template options) sent with every request.
 
             client = LMStudioNeuroScopeClient("http://127.0.0.1:8080")
-            clean = "When John and Mary went to the store, John gave the bag to"
-            corrupted = "When John and Mary went to the store, Mary gave the bag to"
-            mary, john = 17, 42  # token ids of " Mary" and " John" in this model's vocabulary
+            clean = "When Mary and John went to the store, John gave a drink to"     # raw prompts
+            corrupted = "When Mary and John went to the store, Mary gave a drink to"
+            mary, john = 5099, 2322  # token ids of " Mary" and " John" (SmolLM2's vocabulary)
             res = client.patching_sweep(clean, corrupted, mary, john, site="resid_pre")
             res.clean, res.corrupted       # logit differences of the unpatched prompts
             res.normalized                 # [n_layers]: 1 = patching this layer restores clean
@@ -1068,6 +1139,7 @@ class LMStudioNeuroScopeClient:
             raise ValueError(f"site must be one of {', '.join(PATCH_SITES)}, not {site!r}")
         t, f = _token_id(target), _token_id(foil)
         ids = [t] if t == f else [t, f]
+        clean_input, corrupted_input = _analysis_input(clean), _analysis_input(corrupted)
         points = self.hook_points()
         n_layers = int(points["n_layers"])
         layer_list = _layer_indices(layers, n_layers)
@@ -1075,8 +1147,8 @@ class LMStudioNeuroScopeClient:
         if site == "head":
             heads = list(range(self._n_heads(points.get("model_id"))))
         names = [PATCH_SITES[site].format(layer=i) for i in layer_list]
-        greedy = dict(max_tokens=1, temperature=0.0, logprob_token_ids=ids)
-        body = {"messages": _messages(clean), "max_tokens": 1, "temperature": 0.0, "stream": False,
+        greedy = dict(max_tokens=1, temperature=0.0, logprob_token_ids=ids, **corrupted_input)
+        body = {**clean_input, "max_tokens": 1, "temperature": 0.0, "stream": False,
                 "activations_transport": "shm", "activation_hooks": [{"layer_name": n, "hook_id": n} for n in names],
                 "logprob_token_ids": ids, **kw}
         clean_resp = ChatCompletion(self.request("POST", "/v1/chat/completions/with_activations", body))
@@ -1084,7 +1156,7 @@ class LMStudioNeuroScopeClient:
         failed = True
         try:
             clean_ld = _logit_diff(clean_resp, t, f)
-            corrupted_resp = self.chat(corrupted, **greedy, **kw)
+            corrupted_resp = self.chat(**greedy, **kw)
             corrupted_ld = _logit_diff(corrupted_resp, t, f)
             n_clean = (clean_resp.get("usage") or {}).get("prompt_tokens")
             n_corrupted = (corrupted_resp.get("usage") or {}).get("prompt_tokens")
@@ -1098,7 +1170,7 @@ class LMStudioNeuroScopeClient:
                             "positions": positions}
                     if h is not None:
                         spec["heads"] = [h]
-                    resp = self.chat(corrupted, interventions=[spec], **greedy, **kw)
+                    resp = self.chat(interventions=[spec], **greedy, **kw)
                     effects[(i,) if h is None else (i, j)] = _logit_diff(resp, t, f)
             failed = False
         finally:

@@ -373,12 +373,14 @@ class NeuroScopeActivationBridge:
     def to_jsonable(ns: dict, encoding: str = "base64") -> dict:
         return to_jsonable(ns, encoding)
 
-    def capture(self, messages: Any, hooks: list[dict], transport: str = "shm", **kw) -> dict:
+    def capture(self, messages: Any = None, hooks: list[dict] | None = None, transport: str = "shm", *,
+                prompt: Any = None, **kw) -> dict:
         """Generate with `hooks` through the client and return NeuroScope's format; with
-        shm the capture is converted, then unmapped and released."""
+        shm the capture is converted, then unmapped and released. The input is `messages` (a
+        chat; a str is one user message) or `prompt=` (raw text or token ids, no chat template)."""
         if self.client is None:
             raise ValueError("this bridge has no client: NeuroScopeActivationBridge(client)")
-        result = self.client.generate_with_activations(messages, hooks, transport=transport, **kw)
+        result = self.client.generate_with_activations(messages, hooks, transport=transport, prompt=prompt, **kw)
         if transport == "shm" and hasattr(result, "close"):
             with result:
                 ns = to_neuroscope(result)
@@ -394,22 +396,30 @@ class NeuroScopeActivationBridge:
             raise ValueError("this bridge has no client: NeuroScopeActivationBridge(client)")
         return self.client
 
-    def intervene(self, messages: Any, interventions: Iterable, **kw) -> Any:
+    def intervene(self, messages: Any = None, interventions: Iterable | None = None, *, prompt: Any = None,
+                  **kw) -> Any:
         """A completion with `interventions` applied (the client's `chat(..., interventions=...)`;
-        `baseline=True`, `logprobs`, `logprob_token_ids`, ... pass through)."""
-        return self._client().chat(messages, interventions=interventions, **kw)
+        `prompt=` (raw text or token ids instead of `messages`), `baseline=True`, `logprobs`,
+        `logprob_token_ids`, ... pass through)."""
+        return self._client().chat(messages, interventions=interventions, prompt=prompt, **kw)
 
-    def compare_with_baseline(self, messages: Any, interventions: Iterable, **kw) -> tuple:
-        """(steered, baseline) completions from one request (see the client's method)."""
-        return self._client().compare_with_baseline(messages, interventions, **kw)
+    def compare_with_baseline(self, messages: Any = None, interventions: Iterable | None = None, *,
+                              prompt: Any = None, **kw) -> tuple:
+        """(steered, baseline) completions from one request (see the client's method); `prompt=`
+        instead of `messages` for raw text or token ids."""
+        return self._client().compare_with_baseline(messages, interventions, prompt=prompt, **kw)
 
-    def logit_difference(self, messages: Any, target: int, foil: int, interventions: Iterable | None = None,
+    def logit_difference(self, prompt: Any, target: int, foil: int, interventions: Iterable | None = None,
                          **kw) -> float:
-        """logit(target) - logit(foil) at the first generated token (token ids)."""
-        return self._client().logit_difference(messages, target, foil, interventions, **kw)
+        """logit(target) - logit(foil) at the first generated token (token ids). `prompt`: a str
+        or a list of token ids is a raw prompt (no chat template), a list of message dicts a chat
+        (unlike `intervene`/`chat`, where a bare str is one user message)."""
+        return self._client().logit_difference(prompt, target, foil, interventions, **kw)
 
     def patching_sweep(self, clean: Any, corrupted: Any, target: int, foil: int, **kw) -> Any:
-        """Activation patching sweep -> `PatchingResult` (see the client's `patching_sweep`)."""
+        """Activation patching sweep -> `PatchingResult` (see the client's `patching_sweep`).
+        `clean`, `corrupted`: a str or a list of token ids is a raw prompt (no chat template), a
+        list of message dicts a chat."""
         return self._client().patching_sweep(clean, corrupted, target, foil, **kw)
 
     def create_steering_vector(self, vector: Any = None, **kw) -> dict:

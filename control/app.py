@@ -227,7 +227,8 @@ class Server:
         if result is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         response = openai_format.completion(completion_id, model_id, result, job.plan.lm.tokenizer)
-        response.update(openai_format.intervention_fields(result, job.baseline_result, job.plan.lm.tokenizer))
+        response.update(openai_format.intervention_fields(result, job.baseline_result, job.plan.sampling.seed,
+                                                             job.plan.lm.tokenizer))
         if with_activations:
             response.update(await self.delivery.deliver(result, transport, encoding))
             if "capture" in response and await request.is_disconnected():

@@ -98,8 +98,8 @@ class Delivery:
             data = self.registry.read_bytes(capture_id)
         except (UnknownSegment, KeyError):
             raise InvalidArgument(f"no live capture {capture_id!r}: it was released, expired, or never existed; "
-                                  "capture the clean run with activations_transport 'shm' (GET /v1/activations "
-                                  "lists the live ones)", "source.capture_id") from None
+                                  "a capture stays on the server when it is requested with activations_transport "
+                                  "'shm' (GET /v1/activations lists the live ones)", "source.capture_id") from None
         with read_capture_bytes(data) as view:
             if hook_id not in view.hooks:
                 raise InvalidArgument(f"capture {capture_id!r} has no hook {hook_id!r}; it has "

@@ -86,14 +86,15 @@ def usage_chunk(completion_id: str, model_id: str, created: int, generation) -> 
     }
 
 
-def intervention_fields(generation, baseline, tokenizer) -> dict:
+def intervention_fields(generation, baseline, seed: int | None, tokenizer) -> dict:
     """What interventions add to a response: the report of each intervention (positions touched
     per step), and the baseline completion (`baseline`: its Completion, or None) in the same
-    choices/usage shape, so steered and baseline sit side by side."""
+    choices/usage shape, so steered and baseline sit side by side, with the seed both sampled
+    with (the server picks one when sampling without a seed, so the pair can be reproduced)."""
     out = {}
     if generation.interventions:
         out["interventions"] = generation.interventions
     if baseline is not None:
         plain = completion("", "", baseline, tokenizer)
-        out["baseline"] = {"choices": plain["choices"], "usage": plain["usage"]}
+        out["baseline"] = {"choices": plain["choices"], "usage": plain["usage"], "seed": seed}
     return out

@@ -111,7 +111,7 @@ async def stream_chat(service: ModelService, delivery: Delivery, job: ChatJob, c
                     final_chunk["activations"] = shm_entries(capture, handle)
                 yield sse(final_chunk)
                 unsent = None
-            extra = openai_format.intervention_fields(result, job.baseline_result, tokenizer)
+            extra = openai_format.intervention_fields(result, job.baseline_result, job.plan.sampling.seed, tokenizer)
             if extra:  # after the last token's chunk, like the usage chunk: no choices, the reports
                 yield sse({**chunk({}), "choices": [], **extra})
             if include_usage:

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import vocabulary
 from engine.errors import InvalidArgument, UnknownHook
 from engine.model import LoadedModel
-from engine.params import CaptureOptions, HookSpec, parse
+from engine.params import CaptureOptions, HookSpec, parse_list
 
 
 @dataclass(frozen=True)
@@ -32,18 +32,7 @@ class HookTarget:
 
 def hook_specs(values: Iterable[HookSpec | dict], arg: str = "hooks") -> list[HookSpec]:
     """HookSpecs from HookSpecs or plain dicts (validated, errors name `hooks[i].field`)."""
-    if isinstance(values, (str, bytes, dict, HookSpec)) or not hasattr(values, "__iter__"):
-        raise InvalidArgument(f"{arg} must be a list of hooks ({{layer_name, component, ...}})", arg)
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, HookSpec):
-            out.append(v)
-        elif isinstance(v, dict):
-            out.append(parse(HookSpec, f"{arg}[{i}]", **v))
-        else:
-            raise InvalidArgument(f"{arg}[{i}] must be a hook object with 'layer_name' and 'component' "
-                                  f"(got {v!r})", f"{arg}[{i}]")
-    return out
+    return parse_list(HookSpec, values, arg, "layer_name, component, ...")
 
 
 def resolve_hooks(lm: LoadedModel, specs: list[HookSpec], arg: str = "hooks") -> list[HookTarget]:

@@ -23,7 +23,7 @@ import numpy as np
 import vocabulary
 from engine.errors import InvalidArgument, UnknownHook
 from engine.model import LoadedModel
-from engine.params import InterventionSpec, parse
+from engine.params import InterventionSpec, parse_list
 
 _OP_FIELDS = {  # which optional fields each op takes
     "zero": (), "scale": ("coefficient",), "add": ("coefficient", "vector"), "set": ("vector",),
@@ -151,18 +151,7 @@ class Intervention:
 
 def intervention_specs(values: Iterable[InterventionSpec | dict], arg: str = "interventions") -> list[InterventionSpec]:
     """InterventionSpecs from specs or plain dicts (validated; errors name `interventions[i].field`)."""
-    if isinstance(values, (str, bytes, dict, InterventionSpec)) or not hasattr(values, "__iter__"):
-        raise InvalidArgument(f"{arg} must be a list of interventions ({{layer_name, component, op, ...}})", arg)
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, InterventionSpec):
-            out.append(v)
-        elif isinstance(v, dict):
-            out.append(parse(InterventionSpec, f"{arg}[{i}]", **v))
-        else:
-            raise InvalidArgument(f"{arg}[{i}] must be an intervention object with 'layer_name' and 'op' "
-                                  f"(got {v!r})", f"{arg}[{i}]")
-    return out
+    return parse_list(InterventionSpec, values, arg, "layer_name, component, op, ...")
 
 
 def resolve_interventions(lm: LoadedModel, specs: list[InterventionSpec], prompt_tokens: int, *,

@@ -147,6 +147,22 @@ def parse(model: type[BaseModel], arg: str | None = None, /, **values) -> BaseMo
         raise invalid_argument(exc, arg) from None
 
 
+def parse_list(model: type[BaseModel], values, arg: str, fields: str) -> list:
+    """A list of `model`s from models or plain dicts, each validated; errors name `arg[i].field`.
+    `fields` shows the caller what one item looks like (e.g. "layer_name, component, ...")."""
+    if isinstance(values, (str, bytes, dict, BaseModel)) or not hasattr(values, "__iter__"):
+        raise InvalidArgument(f"{arg} must be a list of objects ({{{fields}}})", arg)
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, model):
+            out.append(v)
+        elif isinstance(v, dict):
+            out.append(parse(model, f"{arg}[{i}]", **v))
+        else:
+            raise InvalidArgument(f"{arg}[{i}] must be an object ({{{fields}}}), not {v!r}", f"{arg}[{i}]")
+    return out
+
+
 def invalid_argument(exc: ValidationError, prefix: str | None = None) -> InvalidArgument:
     # Of a union's errors, a broken constraint says more than "wrong type" for another branch.
     errors = exc.errors(include_url=False)

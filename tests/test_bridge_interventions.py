@@ -1,6 +1,11 @@
 """The Python client's interventions, baseline comparison, log-probabilities, stored vectors
 and activation-patching sweep, against a real server (its own, on loopback) with the tiny
-random llama (3 layers, 4 heads, d_model 64)."""
+random llama (3 layers, 4 heads, d_model 64).
+
+chat() and generate_with_activations() take a chat (`messages`; a str is one user message) or a
+raw prompt (`prompt=`); the analysis methods (logit_difference, patching_sweep) read a str as a
+raw prompt and a list of message dicts as a chat: the tests through the chat template pass
+CLEAN_CHAT / CORRUPTED_CHAT to them."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+import requests
 
 from bridge import (
     ActivationResult,
@@ -22,6 +28,8 @@ from tests.gguf_writer import controlvector_bytes
 
 CLEAN = "John gave Mary the book"
 CORRUPTED = "Mary gave John the book"  # the same number of tokens (checked below)
+CLEAN_CHAT = [{"role": "user", "content": CLEAN}]  # the same prompts through the chat template
+CORRUPTED_CHAT = [{"role": "user", "content": CORRUPTED}]
 ZERO_LAST = [{"layer_name": "blocks.2.hook_resid_post", "op": "zero"}]  # the strongest change there is
 N_LAYERS, N_HEADS, D_MODEL = 3, 4, 64
 
@@ -138,14 +146,15 @@ def test_logit_difference(client, ids):
     target, foil = ids
     r = client.chat(CLEAN, max_tokens=1, temperature=0.0, logprob_token_ids=[target, foil])
     got = {e["token_id"]: e["logprob"] for e in r.logprobs[0]["target_logprobs"]}
-    ld = client.logit_difference(CLEAN, target, foil)
+    ld = client.logit_difference(CLEAN_CHAT, target, foil)  # a list of messages: through the chat template
     assert ld == got[target] - got[foil] and ld > 0
-    assert client.logit_difference(CLEAN, np.int64(target), foil) == ld
-    assert client.logit_difference(CLEAN, target, target) == 0.0
-    assert client.logit_difference(CORRUPTED, target, foil) < 0
-    assert client.logit_difference(CLEAN, target, foil, interventions=ZERO_LAST) != ld
+    assert client.logit_difference(CLEAN_CHAT, np.int64(target), foil) == ld
+    assert client.logit_difference(CLEAN_CHAT, target, target) == 0.0
+    assert client.logit_difference(CORRUPTED_CHAT, target, foil) < 0
+    assert client.logit_difference(CLEAN_CHAT, target, foil, interventions=ZERO_LAST) != ld
+    assert client.logit_difference(CLEAN, target, foil) != ld  # a str: the raw prompt, no template
     with pytest.raises(TypeError, match="tokenize"):
-        client.logit_difference(CLEAN, " book", foil)
+        client.logit_difference(CLEAN_CHAT, " book", foil)
 
 
 # --- stored vectors --------------------------------------------------------------------------
@@ -261,11 +270,11 @@ def test_import_control_vector(client, tmp_path):
 def test_patching_resid_pre_layer0_restores_the_clean_run(client, ids):
     target, foil = ids
     before = live_capture_ids(client)
-    res = client.patching_sweep(CLEAN, CORRUPTED, target, foil, site="resid_pre")
+    res = client.patching_sweep(CLEAN_CHAT, CORRUPTED_CHAT, target, foil, site="resid_pre")
     assert isinstance(res, PatchingResult) and res.site == "resid_pre" and res.layers == [0, 1, 2]
     assert res.hook_names == [f"blocks.{i}.hook_resid_pre" for i in range(N_LAYERS)] and res.heads is None
-    assert res.clean == pytest.approx(client.logit_difference(CLEAN, target, foil), abs=1e-5)
-    assert res.corrupted == pytest.approx(client.logit_difference(CORRUPTED, target, foil), abs=1e-5)
+    assert res.clean == pytest.approx(client.logit_difference(CLEAN_CHAT, target, foil), abs=1e-5)
+    assert res.corrupted == pytest.approx(client.logit_difference(CORRUPTED_CHAT, target, foil), abs=1e-5)
     assert res.clean > 0 > res.corrupted
     assert res.effects.shape == res.normalized.shape == (N_LAYERS,)
     # layer 0's input at every prompt position is the whole clean prompt: the clean answer, exactly
@@ -278,9 +287,9 @@ def test_patching_resid_pre_layer0_restores_the_clean_run(client, ids):
     assert json.loads(json.dumps(d)) == d and d["site"] == "resid_pre" and len(d["normalized"]) == N_LAYERS
 
     # a component site: partial effects, patching the last layer only
-    mlp = client.patching_sweep(CLEAN, CORRUPTED, target, foil, site="mlp_out", layers=[-1])
+    mlp = client.patching_sweep(CLEAN_CHAT, CORRUPTED_CHAT, target, foil, site="mlp_out", layers=[-1])
     assert mlp.layers == [2] and mlp.effects.shape == (1,) and mlp.clean == res.clean
-    manual = client.logit_difference(CORRUPTED, target, foil, interventions=[{
+    manual = client.logit_difference(CORRUPTED_CHAT, target, foil, interventions=[{
         "layer_name": "blocks.2.hook_mlp_out", "op": "zero"}])
     assert np.isfinite(manual)  # the site resolves for interventions too
     assert live_capture_ids(client) == before
@@ -289,7 +298,7 @@ def test_patching_resid_pre_layer0_restores_the_clean_run(client, ids):
 def test_patching_heads_sweep_shape(client, ids):
     target, foil = ids
     before = live_capture_ids(client)
-    res = client.patching_sweep(CLEAN, CORRUPTED, target, foil, site="head")
+    res = client.patching_sweep(CLEAN_CHAT, CORRUPTED_CHAT, target, foil, site="head")
     assert res.heads == list(range(N_HEADS)) and res.layers == list(range(N_LAYERS))
     assert res.effects.shape == res.normalized.shape == (N_LAYERS, N_HEADS)
     assert np.isfinite(res.effects).all()
@@ -298,7 +307,7 @@ def test_patching_heads_sweep_shape(client, ids):
     # one cell by hand: the same patch as an explicit intervention
     with client.generate_with_activations(CLEAN, ["blocks.1.attn.hook_z"], max_tokens=1, temperature=0.0,
                                           transport="shm") as cap:
-        one = client.logit_difference(CORRUPTED, target, foil, interventions=[{
+        one = client.logit_difference(CORRUPTED_CHAT, target, foil, interventions=[{
             "layer_name": "blocks.1.attn.hook_z", "op": "patch", "heads": [2], "positions": "prompt",
             "source": {"capture_id": cap, "hook_id": "blocks.1.attn.hook_z"}}])
     assert one == pytest.approx(res.effects[1, 2], abs=1e-5)
@@ -335,8 +344,142 @@ def test_bridge_pass_throughs(client, ids):
     assert vec["name"] == "steer" and vec["vector_id"] in {v["vector_id"] for v in b.list_vectors()}
     assert np.array_equal(b.get_vector(vec)["vector"], np.ones(D_MODEL, np.float32))
     assert b.delete_vector(vec)["status"] == "deleted"
+    assert b.logit_difference(CLEAN_CHAT, target, foil) == client.logit_difference(CLEAN_CHAT, target, foil)
     assert b.logit_difference(CLEAN, target, foil) == client.logit_difference(CLEAN, target, foil)
-    res = b.patching_sweep(CLEAN, CORRUPTED, target, foil, site="attn_out", layers=[0])
+    res = b.patching_sweep(CLEAN_CHAT, CORRUPTED_CHAT, target, foil, site="attn_out", layers=[0])
     assert res.site == "attn_out" and res.effects.shape == (1,)
     with pytest.raises(ValueError, match="no client"):
         NeuroScopeActivationBridge().intervene(CLEAN, ZERO_LAST)
+    # raw prompts pass through too
+    raw = b.intervene(prompt=CLEAN, interventions=ZERO_LAST, max_tokens=2, temperature=0.0, baseline=True)
+    assert raw.text == client.chat(prompt=CLEAN, interventions=ZERO_LAST, max_tokens=2, temperature=0.0).text
+    steered, base = b.compare_with_baseline(prompt=CLEAN, interventions=ZERO_LAST, max_tokens=2, temperature=0.0)
+    assert (steered.text, base.text) == (raw.text, raw.baseline.text)
+    ns = b.capture(prompt=CLEAN, hooks=["blocks.1.hook_resid_post"], max_tokens=2, temperature=0.0)
+    assert ns["text"] == client.chat(prompt=CLEAN, max_tokens=2, temperature=0.0).text
+    assert ns["prompt_tokens"] == client.chat(prompt=CLEAN, max_tokens=1)["usage"]["prompt_tokens"]
+
+
+# --- raw prompts (`prompt` instead of `messages`: no chat template) --------------------------
+def _post(server, path, body):
+    r = requests.post(server.base_url + path, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def raw_ids(client):
+    """(target, foil) for the raw prompts: the greedy next token of each, as `ids` does through
+    the chat template."""
+    top_clean = client.chat(prompt=CLEAN, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=5)
+    top_corrupted = client.chat(prompt=CORRUPTED, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=5)
+    assert top_clean["usage"]["prompt_tokens"] == top_corrupted["usage"]["prompt_tokens"]  # equal lengths raw too
+    target = top_clean.logprobs[0]["token_id"]
+    foil = top_corrupted.logprobs[0]["token_id"]
+    if foil == target:
+        foil = next(e["token_id"] for e in top_clean.logprobs[0]["top_logprobs"] if e["token_id"] != target)
+    return target, foil
+
+
+def test_raw_prompt_round_trip(client, server, raw_ids):
+    target, foil = raw_ids
+    kw = dict(max_tokens=3, temperature=0.0, logprobs=True, top_logprobs=2)
+    direct = _post(server, "/v1/chat/completions", {"prompt": CLEAN, **kw})
+    raw = client.chat(prompt=CLEAN, **kw)
+    assert raw["choices"] == direct["choices"] and raw["usage"] == direct["usage"]
+    templated = client.chat(CLEAN, **kw)  # a bare str in chat(): one user message, through the template
+    assert templated["usage"]["prompt_tokens"] > raw["usage"]["prompt_tokens"]
+    assert "".join(client.chat(prompt=CLEAN, stream=True, **kw)) == raw.text
+
+    # with activations: the same body as a direct POST; the prompt's token ids continue the same way
+    hooks = ["blocks.1.hook_resid_post"]
+    act = client.generate_with_activations(prompt=CLEAN, activation_hooks=hooks, max_tokens=3, temperature=0.0)
+    direct_act = _post(server, "/v1/chat/completions/with_activations",
+                       {"prompt": CLEAN, "max_tokens": 3, "temperature": 0.0, "activations_transport": "inline",
+                        "activation_hooks": [{"layer_name": h} for h in hooks]})
+    assert act.text == raw.text and act.token_ids == direct_act["token_ids"] and act.tokens == direct_act["tokens"]
+    assert [a.tolist() for a in act.arrays(hooks[0])] == [
+        a.tolist() for a in ActivationResult(direct_act).arrays(hooks[0])]
+    n = raw["usage"]["prompt_tokens"]
+    prompt_ids = act.token_ids[:n]
+    by_ids = client.chat(prompt=prompt_ids, **kw)
+    assert by_ids["choices"] == raw["choices"] and by_ids["usage"] == raw["usage"]
+    assert client.chat(prompt=np.asarray(prompt_ids), **kw)["choices"] == raw["choices"]
+    with client.generate_with_activations(prompt=CLEAN, activation_hooks=hooks, max_tokens=1, temperature=0.0,
+                                          transport="shm") as cap:
+        assert cap["usage"]["prompt_tokens"] == n
+
+    # the analysis methods read a str (or token ids) as the raw prompt
+    got = {e["token_id"]: e["logprob"] for e in _post(server, "/v1/chat/completions", {
+        "prompt": CLEAN, "max_tokens": 1, "temperature": 0, "logprob_token_ids": [target, foil]})[
+        "choices"][0]["logprobs"]["content"][0]["target_logprobs"]}
+    ld = client.logit_difference(CLEAN, target, foil)
+    assert ld == got[target] - got[foil]
+    assert client.logit_difference(prompt_ids, target, foil) == ld
+    assert client.logit_difference(CLEAN_CHAT, target, foil) != ld
+    assert client.logit_difference(CLEAN, target, foil, interventions=ZERO_LAST) != ld
+
+    # compare_with_baseline(prompt=...): the baseline is the plain raw run
+    steered, base = client.compare_with_baseline(prompt=CLEAN, interventions=ZERO_LAST, **kw)
+    assert base.text == raw.text and base.logprobs == raw.logprobs and steered.interventions[0]["op"] == "zero"
+
+
+def test_raw_prompt_errors(client):
+    for call in (lambda: client.chat(CLEAN, prompt=CLEAN, max_tokens=1),
+                 lambda: client.chat(max_tokens=1),
+                 lambda: client.chat(None, prompt=None),
+                 lambda: client.generate_with_activations(CLEAN, ["blocks.0.hook_resid_post"], prompt=CLEAN),
+                 lambda: client.generate_with_activations(activation_hooks=["blocks.0.hook_resid_post"]),
+                 lambda: client.compare_with_baseline(CLEAN, ZERO_LAST, prompt=CLEAN),
+                 lambda: client.compare_with_baseline(interventions=ZERO_LAST),
+                 lambda: client.chat(CLEAN_CHAT, prompt=[1, 2], stream=True)):
+        with pytest.raises(ValueError, match="messages.*prompt"):
+            call()
+    with pytest.raises(ValueError, match="not both"):
+        client.chat(CLEAN, prompt=CLEAN)
+    with pytest.raises(TypeError, match="token ids"):
+        client.chat(prompt=[1, "two"])
+    with pytest.raises(TypeError, match="token ids"):
+        client.chat(prompt=3.5)
+    with pytest.raises(TypeError, match="message dicts"):
+        client.logit_difference({"role": "user", "content": CLEAN}, 1, 2)
+    with pytest.raises(TypeError, match="message dicts"):
+        client.patching_sweep(CLEAN, None, 1, 2)
+    with pytest.raises(NeuroScopeServerError) as info:  # the server's own check: an empty prompt
+        client.chat(prompt="", max_tokens=1)
+    assert info.value.status == 400 and info.value.param == "prompt"
+
+
+def test_patching_sweep_with_raw_prompts(client, server, raw_ids):
+    target, foil = raw_ids
+    before = live_capture_ids(client)
+    res = client.patching_sweep(CLEAN, CORRUPTED, target, foil, site="resid_pre")
+    assert res.clean == client.logit_difference(CLEAN, target, foil)
+    assert res.corrupted == client.logit_difference(CORRUPTED, target, foil)
+    assert res.clean != client.logit_difference(CLEAN_CHAT, target, foil)  # not the templated prompts
+    assert abs(res.clean - res.corrupted) > 1e-3
+    # resid_pre of layer 0 over every prompt position is the whole clean prompt: the clean answer
+    assert abs(res.normalized[0] - 1.0) < 1e-4 and res.effects[0] == pytest.approx(res.clean, abs=1e-4)
+    assert live_capture_ids(client) == before
+
+    # the clean capture is a raw prompt too: the same patch by hand gives layer 0's effect
+    site = "blocks.0.hook_resid_pre"
+    clean = _post(server, "/v1/chat/completions/with_activations", {
+        "prompt": CLEAN, "max_tokens": 1, "temperature": 0, "activations_transport": "shm",
+        "activation_hooks": [{"layer_name": site, "hook_id": site}]})
+    try:
+        one = client.logit_difference(CORRUPTED, target, foil, interventions=[{
+            "layer_name": site, "op": "patch", "positions": "prompt",
+            "source": {"capture_id": clean["capture"]["capture_id"], "hook_id": site}}])
+    finally:
+        client.release(clean)
+    assert one == pytest.approx(res.effects[0], abs=1e-5)
+
+    # token ids work as raw prompts alike
+    n = client.chat(prompt=CLEAN, max_tokens=1)["usage"]["prompt_tokens"]
+    ids = [client.generate_with_activations(prompt=p, activation_hooks=[site], max_tokens=1,
+                                            temperature=0.0).token_ids[:n] for p in (CLEAN, CORRUPTED)]
+    by_ids = client.patching_sweep(ids[0], ids[1], target, foil, site="resid_pre", layers=[0])
+    assert (by_ids.clean, by_ids.corrupted) == (res.clean, res.corrupted)
+    assert by_ids.normalized[0] == pytest.approx(1.0, abs=1e-4)
+    assert live_capture_ids(client) == before

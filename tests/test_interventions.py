@@ -52,6 +52,18 @@ SITES = (
 REFUSED = ("blocks.{}.attn.hook_attn_scores", "blocks.{}.attn.hook_pattern", "blocks.{}.hook_resid_mid")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The reference's tensors are small: a second torch thread only waits on a core the engine (and
+    anything else running) holds, which made every reference step ~20x slower on two cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def greedy(max_tokens: int = N) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
@@ -284,13 +296,18 @@ def engine_run(lm, prompt, interventions, hooks=None, sources=None, max_tokens: 
     return events[-1].result
 
 
-def make_setup(arch: str, lm, path, layer: int, hooks: list[dict] | None = None) -> Setup:
+def corrupted(prompt: list[int]) -> list[int]:
+    """The chat prompt with a few of the question's tokens reversed."""
+    out = list(prompt)
+    out[-9:-4] = out[-9:-4][::-1]
+    assert out != prompt
+    return out
+
+
+def make_setup(arch: str, lm, path, layer: int, prompt: list[int], corrupt: list[int],
+               hooks: list[dict] | None = None) -> Setup:
     ref = Reference(path, arch, f"{arch}_{lm.info.n_layers}")
-    prompt = lm.chat_prompt(PROMPT)
-    corrupt = list(prompt)
-    p = len(prompt)
-    corrupt[p - 9:p - 4] = prompt[p - 9:p - 4][::-1]  # a few content tokens reversed
-    assert corrupt != prompt
+    assert len(corrupt) == len(prompt) and corrupt != prompt
     if hooks is None:  # every hook point
         hooks = [{"layer_name": name} for name, _ in vocabulary.hook_point_names(lm.info.n_layers)]
     eos = set(lm.tokenizer.eos_token_ids)
@@ -298,6 +315,7 @@ def make_setup(arch: str, lm, path, layer: int, hooks: list[dict] | None = None)
     tokens, clean_ref, _ = ref.generate(prompt, N, [], eos)
     assert tokens == clean.token_ids  # the reference runs the same model
     plain_corrupt = engine_run(lm, corrupt, None, hooks)
+    assert plain_corrupt.token_ids[len(prompt):] != clean.token_ids[len(prompt):]  # patching can matter
     return Setup(arch, lm, ref, layer, prompt, corrupt, hooks, clean, clean_ref, plain_corrupt, eos)
 
 
@@ -305,7 +323,8 @@ def make_setup(arch: str, lm, path, layer: int, hooks: list[dict] | None = None)
 def setup(request) -> Setup:
     arch = request.param
     lm = request.getfixturevalue(f"tiny_{arch}")
-    return make_setup(arch, lm, request.getfixturevalue(f"tiny_{arch}_path"), layer=1)
+    prompt = lm.chat_prompt(PROMPT)
+    return make_setup(arch, lm, request.getfixturevalue(f"tiny_{arch}_path"), 1, prompt, corrupted(prompt))
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -385,11 +404,12 @@ def ref_edits(s: Setup, specs: list[dict], prompt_len: int, vectors=None) -> lis
             for spec in specs]
 
 
-def check_against_reference(s: Setup, specs: list[dict], prompt: list[int], vectors=None) -> tuple[Completion, list]:
+def check_against_reference(s: Setup, specs: list[dict], prompt: list[int], vectors=None,
+                            n: int = N) -> tuple[Completion, dict]:
     """Run `specs` on our engine and on the reference; everything must agree. -> our completion and
-    the reference's tokens."""
-    res = engine_run(s.lm, prompt, specs, s.hooks, sources_from(s.clean.capture), vectors=vectors)
-    tokens, ref, margin = s.ref.generate(prompt, N, ref_edits(s, specs, len(prompt), vectors), s.eos)
+    the reference's tensors."""
+    res = engine_run(s.lm, prompt, specs, s.hooks, sources_from(s.clean.capture), vectors=vectors, max_tokens=n)
+    tokens, ref, margin = s.ref.generate(prompt, n, ref_edits(s, specs, len(prompt), vectors), s.eos)
     assert margin > MIN_MARGIN, f"ill-posed case: a near-tie in the reference's greedy choice ({margin:.1e})"
     assert res.token_ids == tokens, f"tokens {res.token_ids[len(prompt):]} != reference {tokens[len(prompt):]}"
     arrays = res.capture.arrays()
@@ -403,7 +423,7 @@ def check_against_reference(s: Setup, specs: list[dict], prompt: list[int], vect
         for spec in specs]
     assert [(r["index"], r["layer_name"], r["op"]) for r in res.interventions] == [
         (i, spec["layer_name"], spec["op"]) for i, spec in enumerate(specs)]
-    return res, tokens
+    return res, ref
 
 
 
@@ -563,6 +583,29 @@ def test_patching_the_whole_residual_stream_reproduces_the_clean_run_exactly(set
             assert np.array_equal(arr, clean[name]), name
 
 
+@pytest.mark.parametrize("step", [5, 8])
+def test_key_and_value_edits_survive_the_cache_growing(setup, monkeypatch, step):
+    """mlx-lm's KV cache grows in blocks of `KVCache.step` (256) slots, reallocating as decoding
+    passes a block's end. With small blocks the tiny models cross several: the prompt's edited keys
+    and values must move along (the prompt has 24 tokens. Step 5: the prefill allocates 25 slots, the
+    first decode step takes the last one, the next grows the cache; step 8: the first decode step grows it)."""
+    from mlx_lm.models.cache import KVCache
+
+    s = setup
+    monkeypatch.setattr(KVCache, "step", step)
+    p = len(s.prompt)
+    specs = [{"layer_name": "blocks.0.attn.hook_k", "op": "scale", "coefficient": -3.0, "positions": "prompt"},
+             {"layer_name": "blocks.1.attn.hook_v", "op": "add", "heads": [1], "positions": [3, p - 1, p + 1],
+              "vector": np.linspace(-6, 6, s.lm.info.d_head).tolist()},
+             {"layer_name": "blocks.2.attn.hook_k", "op": "set", "positions": "generated", "heads": [0],
+              "vector": np.linspace(3, -3, s.lm.info.d_head).tolist()}]
+    res, _ = check_against_reference(s, specs, s.prompt)
+    assert res.token_ids != s.clean.token_ids
+    monkeypatch.undo()
+    again = engine_run(s.lm, s.prompt, specs, s.hooks)
+    assert again.token_ids == res.token_ids
+
+
 # --------------------------------------------------------------------------------------------
 # Positions touched
 # --------------------------------------------------------------------------------------------
@@ -671,19 +714,13 @@ def _strong_specs(lm, prompt, clean) -> list[dict]:
     ]
 
 
-def _corrupt(prompt):
-    out = list(prompt)
-    out[-9:-4] = out[-9:-4][::-1]
-    return out
-
-
 def test_model_unchanged_after_a_request_with_interventions(tiny):
     prompt = tiny.chat_prompt(PROMPT)
     before = snapshot(tiny)
     plain = _logprobs(tiny, prompt)
     clean = engine_run(tiny, prompt, None, [{"layer_name": "blocks.1.hook_resid_post"}])
     kept = clean.capture.arrays()["blocks.1.hook_resid_post"].copy()
-    res = engine_run(tiny, _corrupt(prompt), _strong_specs(tiny, prompt, clean),
+    res = engine_run(tiny, corrupted(prompt), _strong_specs(tiny, prompt, clean),
                      [{"layer_name": "blocks.1.hook_resid_post"}], sources_from(clean.capture))
     assert res.token_ids[len(prompt):] != plain[0]
     assert_unchanged(tiny, before)
@@ -707,7 +744,7 @@ def test_model_unchanged_after_an_interrupted_request_with_interventions(tiny, m
             return apply(self, x, start)
 
         monkeypatch.setattr(Intervention, "apply", failing)
-    events = generate(plan(tiny, prompt=_corrupt(prompt), sampling=greedy(), interventions=specs,
+    events = generate(plan(tiny, prompt=corrupted(prompt), sampling=greedy(), interventions=specs,
                            hooks=[{"layer_name": "blocks.0.hook_resid_post"}], sources=sources_from(clean.capture)))
     first = next(events)
     assert first.capture is not None
@@ -898,11 +935,16 @@ def test_vector_id_without_a_store_is_refused(error_context):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real(default_model, default_model_path) -> Setup:
+    """SmolLM2-135M on a short text prompt (a chat prompt's system message would triple every
+    reference step); the corrupted prompt asks about another country."""
     lm = default_model
     layer, last = 14, lm.info.n_layers - 1
-    hooks = [t.format(layer) for t in SITES] + [f"blocks.{layer + 1}.attn.hook_pattern",
-                                                f"blocks.{last}.attn.hook_k", f"blocks.{last}.hook_resid_post"]
-    return make_setup("llama", lm, default_model_path, layer, [{"layer_name": h} for h in dict.fromkeys(hooks)])
+    hooks = [t.format(layer) for t in SITES] + [f"blocks.{layer + 1}.attn.hook_pattern", f"blocks.{last}.attn.hook_k",
+                                                f"blocks.{last}.hook_resid_post"]
+    prompt = lm.text_prompt("The capital of France is Paris, and the capital of Italy is")
+    corrupt = lm.text_prompt("The capital of France is Paris, and the capital of Spain is")
+    return make_setup("llama", lm, default_model_path, layer, prompt, corrupt,
+                      [{"layer_name": h} for h in dict.fromkeys(hooks)])
 
 
 REAL_ALL_OPS = ("blocks.{}.hook_resid_post", "blocks.{}.attn.hook_k", "blocks.{}.mlp.hook_post")
@@ -923,22 +965,8 @@ def test_real_model_intervention_equals_transformers(real, template, op):
 def test_real_model_interventions_change_the_generation(real):
     if len(REAL_CHANGED) < len(REAL_CASES):
         pytest.skip("needs every case of test_real_model_intervention_equals_transformers in this run")
-    assert sum(REAL_CHANGED.values()) >= 0.75 * len(REAL_CHANGED), REAL_CHANGED
-
-
-@pytest.mark.slow
-def test_real_model_key_edits_survive_the_cache_growing(real):
-    """A prompt that fills the KV cache's first 256-slot block: decoding reallocates it, and the
-    edited prompt keys must move along."""
-    s = real
-    prompt = (s.prompt * 12)[:254]
-    L = s.layer
-    specs = [{"layer_name": f"blocks.{L}.attn.hook_k", "op": "scale", "coefficient": -3.0, "positions": "prompt"},
-             {"layer_name": f"blocks.{L}.attn.hook_v", "op": "add", "heads": [1],
-              "vector": (np.linspace(-2, 2, s.lm.info.d_head) * 4).tolist(), "positions": [10, 253, 256]}]
-    res, _ = check_against_reference(s, specs, prompt)
-    assert res.interventions[1]["positions_touched"] == [2, 0, 0, 1, 0, 0]
-    assert res.token_ids != engine_run(s.lm, prompt, None).token_ids
+    changed = sum(REAL_CHANGED.values())
+    assert changed >= 0.6 * len(REAL_CHANGED), f"only {changed} of {len(REAL_CHANGED)}: {REAL_CHANGED}"
 
 
 @pytest.mark.slow
@@ -950,9 +978,11 @@ def test_real_model_identity_interventions_leave_logits_bit_identical(real):
     specs += [{"layer_name": "blocks.14.attn.hook_k", "op": "add", "vector": [0.0] * info.d_head},
               {"layer_name": "blocks.14.hook_resid_post", "op": "patch",
                "source": {"capture_id": s.clean.capture.capture_id, "hook_id": "blocks.14.hook_resid_post"}}]
-    resolved = resolve_interventions(s.lm, intervention_specs(specs), len(s.prompt), sources=sources_from(s.clean.capture))
+    resolved = resolve_interventions(s.lm, intervention_specs(specs), len(s.prompt),
+                                     sources=sources_from(s.clean.capture))
     plain = stepwise_logits(s.lm, s.prompt, 3)
     capture = Capture(s.lm, [], CaptureOptions(), resolved)
     with capture.installed(s.lm):
         edited = stepwise_logits(s.lm, s.prompt, 3, capture)
+    assert all(sum(t) > 0 for t in capture.touched)
     assert all(np.array_equal(a, b) for a, b in zip(plain, edited))

@@ -6,7 +6,8 @@
   and use only GET and POST.
 - Against the tiny model's live server: smalltalk/tests/interventions_live.st runs a zero
   ablation, a head ablation, seeded steering with a baseline, stored vectors, logit differences
-  and activation-patching sweeps; Python then asks the server the same questions and compares.
+  and activation-patching sweeps, through the chat template and with raw prompts; Python then
+  asks the server the same questions and compares.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
+from bridge import LMStudioNeuroScopeClient
 from bridge.smalltalk import CHECKED_IN
 from tests.smalltalk_support import ROOT, load_harness
 
@@ -99,6 +101,19 @@ EXPECTED_REQUESTS = [
                    "activations_transport": "shm", "logprob_token_ids": [11, 12],
                    "activation_hooks": [{"layer_name": f"blocks.{i}.hook_resid_pre", "hook_id": f"blocks.{i}.hook_resid_pre"}
                                         for i in range(2)]}),
+    # raw prompts: `prompt` (text or token ids) instead of `messages`
+    ("POST", CHAT, {"prompt": "When Mary and John", "max_tokens": 2, "temperature": 0}),
+    ("POST", CHAT, {"prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0,
+                    "interventions": [{"layer_name": "blocks.0.hook_resid_post", "op": "zero"}]}),
+    ("POST", ACT, {"prompt": "Hi", "max_tokens": 2, "temperature": 0, "activations_transport": "shm",
+                   "activation_hooks": [{"layer_name": "blocks.1.hook_resid_post", "hook_id": "blocks.1.hook_resid_post"}]}),
+    ("POST", CHAT, {"prompt": "When Mary and John", "max_tokens": 1, "temperature": 0, "logprob_token_ids": [11, 12],
+                    "interventions": [{"layer_name": "blocks.0.hook_resid_post", "op": "zero"}]}),
+    ("GET", "/v1/activations/points", None),
+    ("POST", ACT, {"prompt": "John gave Mary", "max_tokens": 1, "temperature": 0,
+                   "activations_transport": "shm", "logprob_token_ids": [11, 12],
+                   "activation_hooks": [{"layer_name": f"blocks.{i}.hook_resid_pre", "hook_id": f"blocks.{i}.hook_resid_pre"}
+                                        for i in range(2)]}),
 ]
 
 
@@ -140,7 +155,7 @@ def test_builders_and_requests(recorder):
     assert r.returncode == 0 and r.failed == 0, r.describe()
     assert "ok - builders equal the contract's JSON" in r.stdout
     assert "WARNING" not in r.stderr, r.describe()
-    assert r.passed >= 65, r.describe()
+    assert r.passed >= 83, r.describe()
     assert recorder.seen == EXPECTED_REQUESTS
 
 
@@ -155,29 +170,34 @@ def _target_logprobs(response):
     return {t["token_id"]: t["logprob"] for t in response["choices"][0]["logprobs"]["content"][0]["target_logprobs"]}
 
 
-def _logit_difference(server, text, target, foil, interventions=None):
-    body = {"messages": _user(text), "max_tokens": 1, "temperature": 0, "logprob_token_ids": [target, foil]}
+def _input(text, raw):
+    """The request's input: the chat (one user message) or, raw, the prompt without the template."""
+    return {"prompt": text} if raw else {"messages": _user(text)}
+
+
+def _logit_difference(server, text, target, foil, interventions=None, raw=False):
+    body = {**_input(text, raw), "max_tokens": 1, "temperature": 0, "logprob_token_ids": [target, foil]}
     if interventions:
         body["interventions"] = interventions
     lp = _target_logprobs(_post(server, CHAT, body))
     return lp[target] - lp[foil]
 
 
-def _pick_target_and_foil(server):
+def _pick_target_and_foil(server, raw=False):
     """The two tokens whose logprob moves most between the clean and the corrupted prompt, so the
     sweep's normalisation divides by a clear difference."""
     ids = list(range(256, 320))
     logprobs = []
     for text in (CLEAN, CORRUPTED):
-        logprobs.append(_target_logprobs(_post(server, CHAT, {"messages": _user(text), "max_tokens": 1, "temperature": 0,
+        logprobs.append(_target_logprobs(_post(server, CHAT, {**_input(text, raw), "max_tokens": 1, "temperature": 0,
                                                               "logprob_token_ids": ids})))
     shift = {i: logprobs[0][i] - logprobs[1][i] for i in ids}
     return max(ids, key=shift.get), min(ids, key=shift.get)
 
 
-def _python_sweep(server, target, foil, sites, heads=None):
+def _python_sweep(server, target, foil, sites, heads=None, raw=False):
     """The contract's recipe, with requests: clean capture kept in shared memory, patched runs, release."""
-    clean = _post(server, ACT, {"messages": _user(CLEAN), "max_tokens": 1, "temperature": 0,
+    clean = _post(server, ACT, {**_input(CLEAN, raw), "max_tokens": 1, "temperature": 0,
                                 "activations_transport": "shm", "logprob_token_ids": [target, foil],
                                 "activation_hooks": [{"layer_name": s, "hook_id": s} for s in sites]})
     capture = clean["capture"]["capture_id"]
@@ -187,14 +207,14 @@ def _python_sweep(server, target, foil, sites, heads=None):
             patch = {"layer_name": site, "op": "patch", "source": {"capture_id": capture, "hook_id": site},
                      "positions": "prompt"}
             if heads is None:
-                effects.append(_logit_difference(server, CORRUPTED, target, foil, [patch]))
+                effects.append(_logit_difference(server, CORRUPTED, target, foil, [patch], raw=raw))
             else:
-                effects.append([_logit_difference(server, CORRUPTED, target, foil, [{**patch, "heads": [h]}])
+                effects.append([_logit_difference(server, CORRUPTED, target, foil, [{**patch, "heads": [h]}], raw=raw)
                                 for h in range(heads)])
     finally:
         requests.post(f"{server.base_url}/v1/activations/{capture}/release", timeout=30)
     lp = _target_logprobs(clean)
-    return lp[target] - lp[foil], _logit_difference(server, CORRUPTED, target, foil), effects
+    return lp[target] - lp[foil], _logit_difference(server, CORRUPTED, target, foil, raw=raw), effects
 
 
 def _live_captures(server):
@@ -205,17 +225,21 @@ def _live_captures(server):
 @pytest.fixture(scope="module")
 def live_run(tiny_server, tmp_path_factory):
     target, foil = _pick_target_and_foil(tiny_server)
+    raw_target, raw_foil = _pick_target_and_foil(tiny_server, raw=True)
     out = tmp_path_factory.mktemp("squeak-interventions") / "report.json"
     env = {"NSB_URL": tiny_server.base_url, "NSB_PROMPT": PROMPT, "NSB_CLEAN": CLEAN, "NSB_CORRUPTED": CORRUPTED,
-           "NSB_TARGET": str(target), "NSB_FOIL": str(foil), "NSB_OUT": str(out)}
+           "NSB_TARGET": str(target), "NSB_FOIL": str(foil), "NSB_RAW_TARGET": str(raw_target),
+           "NSB_RAW_FOIL": str(raw_foil), "NSB_OUT": str(out)}
     r = st.run_st([CHECKED_IN, ST_TESTS / "interventions_live.st"], env=env, timeout=300)
     assert r.returncode == 0 and r.failed == 0, r.describe()
-    return r, json.loads(out.read_text(encoding="utf-8")), target, foil
+    report = json.loads(out.read_text(encoding="utf-8"))
+    report["raw_ids_used"] = [raw_target, raw_foil]
+    return r, report, target, foil
 
 
 def test_vm_checks_pass(live_run):
     r, report, _, _ = live_run
-    assert r.passed >= 30, r.describe()
+    assert r.passed >= 39, r.describe()
     assert report["n_layers"] == 3 and report["n_heads"] == 4 and report["d_model"] == 64
 
 
@@ -259,7 +283,8 @@ def test_vectors_and_captures_are_cleaned_up(live_run, tiny_server):
     assert report["vector"]["vector_id"] not in stored and report["from_capture"]["vector_id"] not in stored
     assert report["from_capture"]["source"]["capture_id"] == report["kept_capture"]
     live = _live_captures(tiny_server)
-    assert not {report["kept_capture"], report["sweep"]["capture_id"], report["heads_sweep"]["capture_id"]} & live
+    assert not {report["kept_capture"], report["sweep"]["capture_id"], report["heads_sweep"]["capture_id"],
+                report["raw_sweep"]["capture_id"]} & live
 
 
 def test_logit_difference_matches_the_server(live_run, tiny_server):
@@ -292,6 +317,40 @@ def test_heads_sweep_matches_the_recipe(live_run, tiny_server):
     sites = [f"blocks.{i}.attn.hook_z" for i in range(3)]
     clean, corrupted, effects = _python_sweep(tiny_server, target, foil, sites, heads=4)
     assert [row for row in sweep["effects"]] == [pytest.approx(row, abs=1e-5) for row in effects]
+
+
+def test_raw_prompt_logit_difference_matches_python(live_run, tiny_server):
+    _, report, _, _ = live_run
+    target, foil = report["raw_ids_used"]
+    direct = _logit_difference(tiny_server, CLEAN, target, foil, raw=True)  # POST with "prompt"
+    with LMStudioNeuroScopeClient(tiny_server.base_url) as client:
+        bridge = client.logit_difference(CLEAN, target, foil)  # the Python bridge: a str is the raw prompt
+        by_ids = client.logit_difference(report["raw_ids"], target, foil)
+        complete = client.chat(prompt=CLEAN, max_tokens=3, temperature=0)
+    assert report["raw_logit_difference"] == pytest.approx(bridge, abs=1e-5) and bridge == direct == by_ids
+    assert report["raw_logit_difference"] != pytest.approx(_logit_difference(tiny_server, CLEAN, target, foil), abs=1e-5)
+    assert report["complete"]["choices"][0]["message"] == complete["choices"][0]["message"]
+    assert report["complete"]["usage"] == complete["usage"]
+    ablated = _logit_difference(tiny_server, CLEAN, target, foil,
+                                [{"layer_name": "blocks.2.hook_resid_pre", "op": "zero", "positions": "prompt"}], raw=True)
+    assert report["raw_logit_difference_zero"] == pytest.approx(ablated, abs=1e-5)
+
+
+def test_raw_prompt_sweep_matches_python(live_run, tiny_server):
+    _, report, _, _ = live_run
+    target, foil = report["raw_ids_used"]
+    sweep = report["raw_sweep"]
+    sites = [f"blocks.{i}.hook_resid_pre" for i in range(3)]
+    assert sweep["hooks"] == sites and sweep["layers"] == [0, 1, 2] and sweep["site"] == "resid_pre"
+    assert sweep["normalized"][0] == pytest.approx(1.0, abs=1e-4)  # the whole raw prompt, before layer 0
+    clean, corrupted, effects = _python_sweep(tiny_server, target, foil, sites, raw=True)
+    with LMStudioNeuroScopeClient(tiny_server.base_url) as client:
+        bridge = client.patching_sweep(CLEAN, CORRUPTED, target, foil, site="resid_pre")
+    assert (bridge.clean, bridge.corrupted) == (clean, corrupted) and list(bridge.effects) == pytest.approx(effects)
+    assert sweep["clean"] == pytest.approx(clean, abs=1e-5) and sweep["corrupted"] == pytest.approx(corrupted, abs=1e-5)
+    assert sweep["effects"] == pytest.approx(effects, abs=1e-5)
+    assert sweep["normalized"] == pytest.approx(list(bridge.normalized), abs=1e-4)
+    assert sweep["prompt_tokens"] == len(report["raw_ids"])
 
 
 def test_errors(live_run):
