@@ -209,12 +209,13 @@ def _agree(implied: str, requested: str | None, layer_name: str) -> str:
     return implied
 
 
-def intervention_refusal(site: Site) -> tuple[str, str] | None:
-    """Why a resolved tensor cannot be intervened on, and the field at fault; None if it can."""
+def intervention_refusal(site: Site, named_by_component: bool = True) -> tuple[str, str] | None:
+    """Why a resolved tensor cannot be intervened on, and the field at fault (`component`, or
+    `layer_name` when the name alone chose it); None if it can."""
     if site.component in NOT_INTERVENABLE:
         return (f"{site.component} cannot be intervened on: the fused attention kernel never materialises it, so a "
                 "changed copy would change nothing; intervene on query, key, value or head_output instead",
-                "component")
+                "component" if named_by_component else "layer_name")
     if site.site == "ln2" and site.is_input:
         return ("hook_resid_mid is what the MLP's norm receives: changing it would not change the residual stream; "
                 f"intervene on blocks.{site.layer}.hook_attn_out or blocks.{site.layer + 1}.hook_resid_pre instead",

@@ -301,10 +301,12 @@ def section_interventions(r: dict) -> str:
                      f"{'met' if st['target_met'] else 'NOT met'}. Steered text differs from plain: "
                      f"{st['text_differs']}; positions touched as expected: {st['positions_touched_ok']}.\n")
         parts.append(md_table(["variant", "total s", "tok/s", "x plain", "prefill x", "decode x", "best-of x",
-                               "cpu time x", "target"],
+                               "cpu time x", "decode step ms", "step x", "target"],
                               [[x["variant"], x["total_s"], x["tokens_per_s"], x["ratio_total"], x["ratio_prefill"],
-                                x["ratio_decode"], x["ratio_best"], x["ratio_cpu"], x["target"]]
-                               for x in st["rows"]]) + "\n")
+                                x["ratio_decode"], x["ratio_best"], x["ratio_cpu"], x.get("step_ms_median"),
+                                x.get("ratio_step_median"), x["target"]] for x in st["rows"]]) + "\n")
+        parts.append("decode step ms: the median of every decode step of every round, pooled (less sensitive to "
+                     "bursts of other load than whole generations).\n")
     ab = r.get("ablation")
     if ab:
         parts.append(f"**Head-ablation sweep**: head {ab['head']} of `{ab['site']}` zeroed, one run per layer "
@@ -411,8 +413,9 @@ def headline_rows(results: dict[str, dict]) -> list[list[Any]]:
     iv = results.get("interventions", {})
     st, ab, pa = iv.get("steering"), iv.get("ablation"), iv.get("patching")
     if st:
+        step = f", median decode step {st['ratio_step_median']:.2f}x" if st.get("ratio_step_median") else ""
         out.append(["generation time, one steering vector (add, all positions)", f"{st['ratio']:.2f}x",
-                    f"{st['prompt_tokens']} + {st['decode_tokens']} tokens, target <= {st['target']}x "
+                    f"{st['prompt_tokens']} + {st['decode_tokens']} tokens{step}, target <= {st['target']}x "
                     f"({'met' if st['target_met'] else 'not met'})"])
     if ab:
         out.append(["head-ablation sweep vs plain runs", f"{ab['ratio']:.2f}x",

@@ -5,7 +5,7 @@
 `make bench` runs this. Each benchmark runs as its own process (`python -m benchmarks.NAME`),
 so one failing or missing script does not stop the others; its table goes to stdout and its
 progress to stderr. Results: benchmarks/results/NAME.json, summary.json, summary.md,
-summary.png, and the results block of benchmarks/README.md. The full run takes about ten
+summary.png, and the results block of benchmarks/README.md. The full run takes about fifteen
 minutes on 2 cores; `--quick` about half that. Timings are only comparable within one run on
 an otherwise idle machine: the load average is recorded with the machine.
 """

@@ -173,8 +173,7 @@ def _resolve(lm, spec: InterventionSpec, index: int, prompt_tokens: int, vectors
         kind = InvalidArgument if exc.field == "component" and spec.component is None else UnknownHook
         fail(exc.message, exc.field, kind)
     component = vocabulary.COMPONENTS[site.component]
-
-    refusal = vocabulary.intervention_refusal(site)
+    refusal = vocabulary.intervention_refusal(site, named_by_component=spec.component is not None)
     if refusal is not None:
         fail(*refusal)
 

@@ -527,7 +527,7 @@ def test_second_capture_waits_for_the_first(tiny_llama):
 # --------------------------------------------------------------------------------------------
 ERRORS = [  # (id, hooks, error class, the argument it names, needles in its message)
     ("not-a-list", {"layer_name": "model.layers.0"}, InvalidArgument, "hooks", ["must be a list"]),
-    ("not-an-object", ["model.layers.0"], InvalidArgument, "hooks[0]", ["must be a hook object"]),
+    ("not-an-object", ["model.layers.0"], InvalidArgument, "hooks[0]", ["must be an object"]),
     ("no-layer-name", [{"component": "residual"}], InvalidArgument, "hooks[0].layer_name", ["layer_name"]),
     ("unknown-layer", [{"layer_name": "model.layers.3", "component": "residual"}], UnknownHook,
      "hooks[0].layer_name", ["3 layers", "0 to 2"]),

@@ -426,7 +426,6 @@ def check_against_reference(s: Setup, specs: list[dict], prompt: list[int], vect
     return res, ref
 
 
-
 def check_case(s: Setup, template: str, op: str, variant: int) -> bool:
     """One (site, op) case against the reference, plus: the intervention really changed the tensor
     (a patch wrote exactly the source's rows). -> whether the generated tokens changed."""
@@ -435,7 +434,8 @@ def check_case(s: Setup, template: str, op: str, variant: int) -> bool:
     prompt, base = (s.corrupt, s.plain_corrupt) if op == "patch" else (s.prompt, s.clean)
     res, _ = check_against_reference(s, [spec], prompt)
     got, before = res.capture.arrays()[site], base.capture.arrays()[site]
-    touched = [q for q in range(len(res.token_ids)) if covered(spec, q, len(prompt), len(s.clean.token_ids))]
+    held = len(s.clean.token_ids) if op == "patch" else None
+    touched = [q for q in range(len(res.token_ids)) if covered(spec, q, len(prompt), held)]
     assert touched
     if op == "patch":  # the touched rows are the source's, exactly (in the chosen heads and entries)
         source = s.clean.capture.arrays()[site]
@@ -547,6 +547,7 @@ def test_other_names_intervene_on_the_same_tensor(setup):
         assert a.interventions[0]["positions_touched"] == b.interventions[0]["positions_touched"]
         for name, arr in a.capture.arrays().items():
             assert np.array_equal(arr, b.capture.arrays()[name]), (tl, other, name)
+        assert not np.array_equal(a.capture.arrays()[tl], s.clean.capture.arrays()[tl]), tl  # it did something
 
 
 def test_stored_vector_equals_inline_vector(setup):
@@ -586,9 +587,9 @@ def test_patching_the_whole_residual_stream_reproduces_the_clean_run_exactly(set
 @pytest.mark.parametrize("step", [5, 8])
 def test_key_and_value_edits_survive_the_cache_growing(setup, monkeypatch, step):
     """mlx-lm's KV cache grows in blocks of `KVCache.step` (256) slots, reallocating as decoding
-    passes a block's end. With small blocks the tiny models cross several: the prompt's edited keys
-    and values must move along (the prompt has 24 tokens. Step 5: the prefill allocates 25 slots, the
-    first decode step takes the last one, the next grows the cache; step 8: the first decode step grows it)."""
+    passes a block's end; with small blocks the tiny models cross them, and the edited keys and
+    values must move along. The prompt has 24 tokens. Step 5: the prefill allocates 25 slots, the
+    first decode step takes the last one, the next grows the cache; step 8: the first one grows it."""
     from mlx_lm.models.cache import KVCache
 
     s = setup
@@ -609,13 +610,13 @@ def test_key_and_value_edits_survive_the_cache_growing(setup, monkeypatch, step)
 # --------------------------------------------------------------------------------------------
 # Positions touched
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("positions,want", [
-    ("all", lambda p: [p, 1, 1, 1, 1, 1]),
-    ("prompt", lambda p: [p, 0, 0, 0, 0, 0]),
-    ("generated", lambda p: [0, 1, 1, 1, 1, 1]),
-    ([3, "P+1"], lambda p: [1, 0, 1, 0, 0, 0]),
-    (["P-1", "P", "P+4", "P+40"], lambda p: [1, 1, 0, 0, 0, 1]),
-])
+@pytest.mark.parametrize("positions,want", [  # functions of the prompt's length P
+    (lambda p: "all", lambda p: [p, 1, 1, 1, 1, 1]),
+    (lambda p: "prompt", lambda p: [p, 0, 0, 0, 0, 0]),
+    (lambda p: "generated", lambda p: [0, 1, 1, 1, 1, 1]),
+    (lambda p: [3, p + 1], lambda p: [1, 0, 1, 0, 0, 0]),
+    (lambda p: [p - 1, p, p + 4, p + 40], lambda p: [1, 1, 0, 0, 0, 1]),
+], ids=["all", "prompt", "generated", "3,P+1", "P-1,P,P+4,P+40"])
 @pytest.mark.parametrize("site", ["blocks.0.hook_resid_post", "blocks.2.attn.hook_v", "blocks.1.mlp.hook_post"])
 def test_positions_touched_per_step(tiny_llama, site, positions, want):
     """Step 0 is the prompt, step k >= 1 the token at position P + k - 1; with hooks, one more step
@@ -623,9 +624,7 @@ def test_positions_touched_per_step(tiny_llama, site, positions, want):
     lm = tiny_llama
     prompt = lm.chat_prompt(PROMPT)
     p = len(prompt)
-    if isinstance(positions, list):
-        positions = [eval(x, {"P": p}) if isinstance(x, str) else x for x in positions]  # noqa: S307
-    spec = {"layer_name": site, "op": "scale", "coefficient": 1.0, "positions": positions}  # no early end
+    spec = {"layer_name": site, "op": "scale", "coefficient": 1.0, "positions": positions(p)}  # no early end
     with_hooks = engine_run(lm, prompt, [spec], [{"layer_name": "blocks.2.hook_resid_post"}])
     assert len(with_hooks.token_ids) == p + N
     assert with_hooks.interventions == [{"index": 0, "layer_name": site, "component": vocabulary.resolve_name(
@@ -688,7 +687,8 @@ def test_interventions_that_change_no_value_leave_logits_bit_identical(tiny):
     capture = Capture(tiny, [], CaptureOptions(), resolved)
     with capture.installed(tiny):
         edited = stepwise_logits(tiny, prompt, N, capture)
-    assert all(sum(t) > 0 for t in capture.touched[:-6])  # they ran
+    idle = next(i for i, sp in enumerate(specs) if sp["op"] == "zero")
+    assert [sum(t) > 0 for t in capture.touched] == [i != idle for i in range(len(specs))]  # they ran
     for step, (a, b) in enumerate(zip(plain, edited)):
         assert np.array_equal(a, b), f"step {step}"
     # The same through generate, with hooks: logprobs and every captured tensor.
@@ -792,7 +792,7 @@ def _patch(cap: str, hook: str = R, **kw) -> dict:
 
 ERRORS = [  # (id, interventions given the context, error class, the argument it names, needles in its message)
     ("not-a-list", lambda c: {"layer_name": R, "op": "zero"}, InvalidArgument, "interventions", ["must be a list"]),
-    ("not-an-object", lambda c: [R], InvalidArgument, "interventions[0]", ["intervention object"]),
+    ("not-an-object", lambda c: [R], InvalidArgument, "interventions[0]", ["must be an object", repr(R)]),
     ("no-op", lambda c: [{"layer_name": R}], InvalidArgument, "interventions[0].op", ["op"]),
     ("unknown-op", lambda c: [{"layer_name": R, "op": "negate"}], InvalidArgument, "interventions[0].op",
      ["'zero'", "'patch'"]),
@@ -807,9 +807,9 @@ ERRORS = [  # (id, interventions given the context, error class, the argument it
     ("missing-component", lambda c: [{"layer_name": "model.layers.0", "op": "zero"}], InvalidArgument,
      "interventions[0].component", ["needs a 'component'"]),
     ("scores", lambda c: [{"layer_name": "blocks.0.attn.hook_attn_scores", "op": "zero"}], InvalidArgument,
-     "interventions[0].component", ["attention_scores cannot be intervened on", "query, key, value or head_output"]),
+     "interventions[0].layer_name", ["attention_scores cannot be intervened on", "query, key, value or head_output"]),
     ("pattern", lambda c: [{"layer_name": "blocks.2.attn.hook_pattern", "op": "scale", "coefficient": 2.0}],
-     InvalidArgument, "interventions[0].component", ["attention_pattern cannot be intervened on"]),
+     InvalidArgument, "interventions[0].layer_name", ["attention_pattern cannot be intervened on"]),
     ("pattern-by-component", lambda c: [{"layer_name": "model.layers.0", "component": "attention_pattern",
                                          "op": "zero"}], InvalidArgument, "interventions[0].component",
      ["attention_pattern cannot be intervened on"]),
@@ -936,13 +936,14 @@ def test_vector_id_without_a_store_is_refused(error_context):
 @pytest.fixture(scope="module")
 def real(default_model, default_model_path) -> Setup:
     """SmolLM2-135M on a short text prompt (a chat prompt's system message would triple every
-    reference step); the corrupted prompt asks about another country."""
+    reference step) whose continuation is open enough for one layer's edit to change it; the
+    corrupted prompt changes one word."""
     lm = default_model
     layer, last = 14, lm.info.n_layers - 1
     hooks = [t.format(layer) for t in SITES] + [f"blocks.{layer + 1}.attn.hook_pattern", f"blocks.{last}.attn.hook_k",
                                                 f"blocks.{last}.hook_resid_post"]
-    prompt = lm.text_prompt("The capital of France is Paris, and the capital of Italy is")
-    corrupt = lm.text_prompt("The capital of France is Paris, and the capital of Spain is")
+    prompt = lm.text_prompt("Once upon a time, there was a little")
+    corrupt = lm.text_prompt("Once upon a time, there was a big")
     return make_setup("llama", lm, default_model_path, layer, prompt, corrupt,
                       [{"layer_name": h} for h in dict.fromkeys(hooks)])
 
@@ -966,7 +967,7 @@ def test_real_model_interventions_change_the_generation(real):
     if len(REAL_CHANGED) < len(REAL_CASES):
         pytest.skip("needs every case of test_real_model_intervention_equals_transformers in this run")
     changed = sum(REAL_CHANGED.values())
-    assert changed >= 0.6 * len(REAL_CHANGED), f"only {changed} of {len(REAL_CHANGED)}: {REAL_CHANGED}"
+    assert changed >= 0.75 * len(REAL_CHANGED), f"only {changed} of {len(REAL_CHANGED)}: {REAL_CHANGED}"
 
 
 @pytest.mark.slow
