@@ -1,87 +1,144 @@
-"""Where each supported mlx-lm architecture keeps its parts.
+"""Where an mlx-lm model keeps its parts, found from its module tree.
 
-Capture works on module instances (embedding, decoder blocks, their attention, MLP and norms)
-and on the `scaled_dot_product_attention` that the model file imports from mlx-lm's base.
-Adding an architecture means naming its parts here and adding a tiny model to the tests.
+Capture and interventions work on module instances (the embedding, the decoder blocks, their
+attention, MLP, norms and output projections) and on the attention seam: the
+`scaled_dot_product_attention` that a model file imports from mlx-lm's base, which receives
+post-RoPE queries and keys. mlx-lm names modules as the Hugging Face checkpoints do, so a few
+candidate names per part find them in almost every model file; `NOTES` records the models
+where a name means something else (a post-norm where other models keep the pre-MLP norm).
+A part a model does not have is None: its components are absent from the hook points and
+refused by name, never substituted.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
+
+# Each part's attribute names, most common first. `ln2` is the norm in front of the MLP.
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "inner": ("model", "transformer", "gpt_neox", "backbone"),
+    "layers": ("layers", "h", "blocks"),
+    "embed": ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings"),
+    "final_norm": ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm"),
+    "attn": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp": ("mlp", "block_sparse_moe", "feed_forward", "ffn", "moe"),
+    "ln1": ("input_layernorm", "ln_1", "ln1", "attention_norm", "norm1"),
+    "ln2": ("post_attention_layernorm", "ln_2", "ln2", "ffn_norm", "norm2"),
+    "attn_out": ("o_proj", "c_proj", "dense", "out_proj", "wo"),
+    "mlp_out": ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out"),
+}
+# Model types whose parts differ from what their names suggest.
+_SANDWICH = {"ln2": "pre_feedforward_layernorm"}  # post_attention_layernorm normalises the attention's output
+NOTES: dict[str, dict[str, str | None]] = {
+    "gemma2": _SANDWICH, "gemma3": _SANDWICH, "gemma3_text": _SANDWICH,
+    "olmo2": {"ln1": None, "ln2": None},  # post-norms only: the blocks take the raw residual stream
+    "olmo3": {"ln1": None, "ln2": None},
+}
+# Model arguments, by their names across model files.
+ARGS = {
+    "d_model": ("hidden_size", "n_embd", "d_model", "dim", "model_dim"),
+    "n_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads"),
+    "n_kv_heads": ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"),
+    "head_dim": ("head_dim",),
+    "context": ("max_position_embeddings", "n_positions", "max_seq_len", "context_length", "seq_length"),
+}
 
 
 @dataclass(frozen=True)
 class Architecture:
+    """The attribute name of each part (None: the model has none) and whether its attention
+    goes through the seam."""
+
     name: str
-    inner: str  # attribute of the top-level Model holding the transformer
-    layers_attr: str
-    embed_attr: str
-    final_norm_attr: str
-    attn_attr: str
-    mlp_attr: str
-    mlp_out_attr: str  # the MLP's output projection, whose input is the neurons (mlp_activation)
-    ln1_attr: str  # norm before attention
-    ln2_attr: str  # norm before the MLP
-    args_d_model: str
-    args_n_heads: str
-    args_n_kv_heads: str
-    args_context: str
-    args_d_mlp: str | None = None  # None: 4 * d_model (GPT-2; mlx-lm ignores n_inner)
-    default_context: int = 4096
+    inner: str
+    layers: str
+    embed: str
+    final_norm: str
+    attn: str
+    mlp: str
+    ln1: str | None
+    ln2: str | None
+    attn_out: str | None  # inside attn: its input is each head's output (head_output)
+    mlp_out: str | None  # inside mlp: its input is the neurons (mlp_activation); None for expert MoE blocks
+    seam: bool  # attention calls the model file's scaled_dot_product_attention (query ... head_output)
 
     def _inner(self, model):
         return getattr(model, self.inner)
 
-    def layers(self, model) -> list:
-        return getattr(self._inner(model), self.layers_attr)
+    def blocks(self, model) -> list:
+        return getattr(self._inner(model), self.layers)
 
     def embedding(self, model):
-        return getattr(self._inner(model), self.embed_attr)
+        return getattr(self._inner(model), self.embed)
 
-    def final_norm(self, model):
-        return getattr(self._inner(model), self.final_norm_attr)
+    def norm(self, model):
+        return getattr(self._inner(model), self.final_norm)
 
-    def attention(self, block):
-        return getattr(block, self.attn_attr)
+    # Sites (vocabulary.Component.site) -> the attribute path inside a block; None: not in this model.
+    def site_path(self, site: str) -> str | None:
+        return {
+            "block": "", "attn": self.attn, "mlp": self.mlp, "ln1": self.ln1, "ln2": self.ln2,
+            "sdpa": self.attn if self.seam else None,
+            "mlp_post": f"{self.mlp}.{self.mlp_out}" if self.mlp_out else None,
+        }[site]
 
-    def d_model(self, args) -> int:
-        return getattr(args, self.args_d_model)
+    def has(self, site: str) -> bool:
+        return site in ("embed", "lnf") or self.site_path(site) is not None
 
-    def n_heads(self, args) -> int:
-        return getattr(args, self.args_n_heads)
+    def module(self, model, site: str, layer: int | None):
+        """The module a site's tensor is taken from."""
+        if site == "embed":
+            return self.embedding(model)
+        if site == "lnf":
+            return self.norm(model)
+        module = self.blocks(model)[layer]
+        for attr in filter(None, self.site_path(site).split(".")):
+            module = getattr(module, attr)
+        return module
 
-    def n_kv_heads(self, args) -> int:
-        return getattr(args, self.args_n_kv_heads, None) or self.n_heads(args)
-
-    def d_mlp(self, args) -> int:
-        return getattr(args, self.args_d_mlp) if self.args_d_mlp else 4 * self.d_model(args)
-
-    def context_length(self, args) -> int:
-        return getattr(args, self.args_context, None) or self.default_context
-
-    def module_path(self, part: str, layer: int | None = None) -> str:
-        """The model's own dotted path of a part, as mlx-lm names its parameters."""
-        if layer is None:
-            attr = {"embed": self.embed_attr, "final_norm": self.final_norm_attr}[part]
-            return f"{self.inner}.{attr}"
-        block = f"{self.inner}.{self.layers_attr}.{layer}"
-        sub = {"block": None, "attn": self.attn_attr, "mlp": self.mlp_attr, "ln1": self.ln1_attr, "ln2": self.ln2_attr,
-               "mlp_post": f"{self.mlp_attr}.{self.mlp_out_attr}"}[part]
-        return block if sub is None else f"{block}.{sub}"
+    def module_path(self, site: str, layer: int | None = None) -> str:
+        """The model's own dotted path of a site's module, as mlx-lm names its parameters."""
+        if site in ("embed", "lnf"):
+            return f"{self.inner}.{self.embed if site == 'embed' else self.final_norm}"
+        path = self.site_path(site)
+        return f"{self.inner}.{self.layers}.{layer}" + (f".{path}" if path else "")
 
 
-LLAMA = Architecture(
-    name="llama", inner="model", layers_attr="layers", embed_attr="embed_tokens", final_norm_attr="norm",
-    attn_attr="self_attn", mlp_attr="mlp", mlp_out_attr="down_proj", ln1_attr="input_layernorm",
-    ln2_attr="post_attention_layernorm", args_d_model="hidden_size", args_n_heads="num_attention_heads",
-    args_n_kv_heads="num_key_value_heads", args_context="max_position_embeddings", args_d_mlp="intermediate_size",
-)
-GPT2 = Architecture(
-    name="gpt2", inner="model", layers_attr="h", embed_attr="wte", final_norm_attr="ln_f",
-    attn_attr="attn", mlp_attr="mlp", mlp_out_attr="c_proj", ln1_attr="ln_1", ln2_attr="ln_2",
-    args_d_model="n_embd", args_n_heads="n_head", args_n_kv_heads="num_key_value_heads",
-    args_context="n_positions",
-)
+def _find(owner: Any, part: str) -> str | None:
+    return next((name for name in CANDIDATES[part] if getattr(owner, name, None) is not None), None)
 
-# mlx-lm model_type -> parts. Mistral loads through mlx-lm's llama.py; Qwen2/3 share llama's layout.
-ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gpt2": GPT2}
+
+def discover(model: Any, model_type: str) -> Architecture:
+    """The parts of a loaded mlx-lm model; raises LookupError naming what is missing."""
+    inner_name = _find(model, "inner")
+    inner = getattr(model, inner_name) if inner_name else None
+    found: dict[str, str | None] = {"inner": inner_name}
+    if inner is not None:
+        found.update((p, _find(inner, p)) for p in ("layers", "embed", "final_norm"))
+    blocks = getattr(inner, found["layers"] or "", None) if inner is not None else None
+    block = blocks[0] if isinstance(blocks, list) and blocks else None
+    if block is not None:
+        found.update((p, _find(block, p)) for p in ("attn", "mlp", "ln1", "ln2"))
+    found.update(NOTES.get(model_type, {}))
+    missing = [p for p in ("inner", "layers", "embed", "final_norm", "attn", "mlp") if not found.get(p)]
+    if missing:
+        raise LookupError(f"no {', '.join(missing)} found in the module tree")
+    attn, mlp = getattr(block, found["attn"]), getattr(block, found["mlp"])
+    seam = "scaled_dot_product_attention(" in inspect.getsource(type(attn).__call__)
+    return Architecture(name=model_type, **found, attn_out=_find(attn, "attn_out"), mlp_out=_find(mlp, "mlp_out"),
+                        seam=seam)
+
+
+def model_arg(args: Any, name: str, default: Any = None) -> Any:
+    """A model argument by any of its names (ARGS)."""
+    return next((v for n in ARGS[name] if (v := getattr(args, n, None)) is not None), default)
+
+
+def linear_in_features(linear: Any) -> int:
+    """Input size of a (possibly quantized) linear layer: quantized weights pack 32 // bits
+    values in each uint32."""
+    width = int(linear.weight.shape[-1])
+    return width * 32 // linear.bits if hasattr(linear, "bits") else width
+

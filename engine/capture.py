@@ -106,19 +106,9 @@ class Capture:
 
     def _collect_modules(self, lm: LoadedModel) -> list:
         arch, model = lm.arch, lm.model
-        layers = arch.layers(model)
 
         def site_module(t: HookTarget | Intervention):
-            if t.site == "embed":
-                return arch.embedding(model)
-            if t.site == "lnf":
-                return arch.final_norm(model)
-            block = layers[t.layer]
-            if t.site == "mlp_post":
-                return getattr(getattr(block, arch.mlp_attr), arch.mlp_out_attr)
-            attr = {"block": None, "attn": arch.attn_attr, "sdpa": arch.attn_attr, "mlp": arch.mlp_attr,
-                    "ln1": arch.ln1_attr, "ln2": arch.ln2_attr}[t.site]
-            return block if attr is None else getattr(block, attr)
+            return arch.module(model, "attn" if t.site == "sdpa" else t.site, t.layer)
 
         modules = {}
         for t, rec in [*zip(self._targets, self.records), *((iv, None) for iv in self.interventions)]:

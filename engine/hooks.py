@@ -60,7 +60,7 @@ def resolve_hook(lm: LoadedModel, spec: HookSpec, where: str | None = None) -> l
 
     prefix = f"{where}: " if where else ""
     try:
-        site = vocabulary.resolve_name(spec.layer_name, spec.component, lm.info.n_layers)
+        site = resolve_site(lm, spec.layer_name, spec.component)
     except vocabulary.VocabularyError as exc:
         # A missing component is a missing value; everything else names something that does not exist.
         kind = InvalidArgument if exc.field == "component" and spec.component is None else UnknownHook
@@ -84,6 +84,27 @@ def resolve_hook(lm: LoadedModel, spec: HookSpec, where: str | None = None) -> l
     return [HookTarget(hook_id, spec.layer_name, site.component, site.site, site.layer, d) for d in directions]
 
 
+def resolve_site(lm: LoadedModel, layer_name: str, component: str | None) -> vocabulary.Site:
+    """The vocabulary's resolution, refused (VocabularyError) where this model has no such part:
+    a model without a pre-MLP norm has no `ln2`, an expert MoE block no single neuron layer."""
+    site = vocabulary.resolve_name(layer_name, component, lm.info.n_layers)
+    if not lm.arch.has(site.site):
+        raise vocabulary.VocabularyError(
+            f"{lm.info.architecture} models have no {site.component} at {layer_name!r} "
+            f"({MISSING[site.site]}); GET /v1/activations/points lists what this model has",
+            "component" if component is not None else "layer_name")
+    return site
+
+
+# Why a site can be missing, for the error above.
+MISSING = {
+    "ln1": "their blocks have no norm in front of attention",
+    "ln2": "their blocks have no norm in front of the MLP",
+    "mlp_post": "their MLP has no single output projection (e.g. a mixture of experts)",
+    "sdpa": "their attention does not go through mlx-lm's scaled_dot_product_attention",
+}
+
+
 def per_token_shape(lm: LoadedModel, component: str) -> list[int]:
     """Stored (token-major) shape of one token's tensor on this model; the key axis is -1."""
     return vocabulary.per_token_shape(component, lm.info.dims)
@@ -91,12 +112,7 @@ def per_token_shape(lm: LoadedModel, component: str) -> list[int]:
 
 def module_path(lm: LoadedModel, t: HookTarget | vocabulary.Site) -> str:
     """The model's own dotted path of the module a target is taken from."""
-    arch = lm.arch
-    if t.site == "embed":
-        return arch.module_path("embed")
-    if t.site == "lnf":
-        return arch.module_path("final_norm")
-    return arch.module_path("attn" if t.site == "sdpa" else t.site, t.layer)
+    return lm.arch.module_path("attn" if t.site == "sdpa" else t.site, t.layer)
 
 
 def hook_points(lm: LoadedModel) -> list[dict[str, Any]]:
@@ -104,10 +120,9 @@ def hook_points(lm: LoadedModel) -> list[dict[str, Any]]:
     its other names, its shape per token and whether interventions may change it."""
     points = []
     for name, site in vocabulary.hook_point_names(lm.info.n_layers):
-        if site.layer is None:
-            own = lm.arch.module_path("embed" if site.site == "embed" else "final_norm")
-        else:
-            own = lm.arch.module_path("block", site.layer)
+        if not lm.arch.has(site.site):
+            continue
+        own = lm.arch.module_path("block" if site.layer is not None else site.site, site.layer)
         points.append({
             "name": name,
             "module_path": module_path(lm, site),

@@ -22,6 +22,7 @@ import numpy as np
 
 import vocabulary
 from engine.errors import InvalidArgument, UnknownHook
+from engine.hooks import resolve_site
 from engine.model import LoadedModel
 from engine.params import InterventionSpec, parse_list
 
@@ -168,7 +169,7 @@ def _resolve(lm, spec: InterventionSpec, index: int, prompt_tokens: int, vectors
         raise kind(f"{where}: {message}", f"{where}.{field}" if field else where)
 
     try:
-        site = vocabulary.resolve_name(spec.layer_name, spec.component, lm.info.n_layers)
+        site = resolve_site(lm, spec.layer_name, spec.component)
     except vocabulary.VocabularyError as exc:
         kind = InvalidArgument if exc.field == "component" and spec.component is None else UnknownHook
         fail(exc.message, exc.field, kind)

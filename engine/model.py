@@ -15,7 +15,7 @@ from typing import Any
 
 import engine  # noqa: F401  (loads OpenBLAS before mlx.core)
 from engine import paths
-from engine.architectures import ARCHITECTURES, Architecture
+from engine.architectures import Architecture, discover, linear_in_features, model_arg
 from engine.errors import InvalidArgument, ModelLoadError, ModelNotFound, UnsupportedArchitecture
 from engine.progress import Progress
 
@@ -42,8 +42,9 @@ class ModelInfo:
     d_mlp: int
     vocab_size: int
     context_length: int
-    dtype: str
+    dtype: str  # the compute dtype (of a quantized model: its scales')
     source: str
+    quantization: dict | None = None  # {"bits", "group_size"} of a quantized model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,42 +138,48 @@ def load_model(model_path: str, model_id: str | None = None, progress: Progress 
         raise ModelLoadError(f"cannot load {model_path!r}: {exc}", "model_path") from exc
 
     model_type = getattr(model, "model_type", None) or getattr(getattr(model, "args", None), "model_type", "?")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitecture(
-            f"architecture {model_type!r} is not supported for activation capture; "
-            f"supported: {', '.join(sorted(ARCHITECTURES))}",
-            "model_path",
-        )
-    arch = ARCHITECTURES[model_type]
-    layers = arch.layers(model)
-    attn = arch.attention(layers[0])
-    n_heads = int(arch.n_heads(model.args))
-    n_kv_heads = int(arch.n_kv_heads(model.args))
-    d_model = int(arch.d_model(model.args))
-    embed = arch.embedding(model)
-    d_head = int(getattr(attn, "head_dim", d_model // n_heads))
-    info = ModelInfo(
-        model_id=model_id or default_model_id(model_path),
-        architecture=model_type,
-        n_layers=len(layers),
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        d_head=d_head,
-        d_mlp=int(arch.d_mlp(model.args)),
-        vocab_size=int(embed.weight.shape[0]),
-        context_length=int(arch.context_length(model.args)),
-        dtype=str(embed.weight.dtype).removeprefix("mlx.core."),
-        source=str(model_path),
-    )
+    try:
+        arch = discover(model, model_type)
+    except LookupError as exc:
+        raise UnsupportedArchitecture(f"architecture {model_type!r} is not supported for activation capture: "
+                                      f"{exc}", "model_path") from exc
+    info = describe(model, arch, model_id or default_model_id(model_path), str(model_path))
     mx.eval(model.parameters())
     log.info(
-        "loaded %s (%s, %d layers, d_model %d, %d heads / %d kv heads, %s) in %.1fs",
-        info.model_id, model_type, info.n_layers, d_model, n_heads, n_kv_heads, info.dtype, time.perf_counter() - t0,
+        "loaded %s (%s, %d layers, d_model %d, %d heads / %d kv heads, %s%s) in %.1fs",
+        info.model_id, model_type, info.n_layers, info.d_model, info.n_heads, info.n_kv_heads, info.dtype,
+        f", {info.quantization['bits']}-bit" if info.quantization else "", time.perf_counter() - t0,
     )
     lm = LoadedModel(model=model, tokenizer=tokenizer, info=info, arch=arch)
     lm.detokenizer()  # built once now (it reads the whole vocabulary), not on the first request
     return lm
+
+
+def describe(model: Any, arch: Architecture, model_id: str, source: str) -> ModelInfo:
+    """The model's facts, from its arguments and, where those differ between model files, its modules."""
+    args = model.args
+    blocks = arch.blocks(model)
+    attn = getattr(blocks[0], arch.attn)
+    embed = arch.embedding(model)
+    d_model = int(model_arg(args, "d_model"))
+    n_heads = int(model_arg(args, "n_heads"))
+    mlp_out = arch.module(model, "mlp_post", 0) if arch.has("mlp_post") else None
+    quantized = hasattr(embed, "bits")  # mlx's QuantizedEmbedding: packed uint32 weights, scales in the compute dtype
+    return ModelInfo(
+        model_id=model_id,
+        architecture=arch.name,
+        n_layers=len(blocks),
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=int(model_arg(args, "n_kv_heads", n_heads)),
+        d_head=int(getattr(attn, "head_dim", None) or model_arg(args, "head_dim", d_model // n_heads)),
+        d_mlp=linear_in_features(mlp_out) if mlp_out is not None else 0,
+        vocab_size=int(embed.weight.shape[0]),
+        context_length=int(model_arg(args, "context", 4096)),
+        dtype=str((embed.scales if quantized else embed.weight).dtype).removeprefix("mlx.core."),
+        quantization={"bits": int(embed.bits), "group_size": int(embed.group_size)} if quantized else None,
+        source=source,
+    )
 
 
 def _config_fixes(folder: str) -> dict:

@@ -49,7 +49,7 @@ def test_tiny_llama_facts(tiny_llama, tiny_llama_path):
     assert info.to_dict() == {
         "model_id": "tiny-llama", "architecture": "llama", "n_layers": 3, "d_model": 64, "n_heads": 4,
         "n_kv_heads": 2, "d_head": 16, "d_mlp": 128, "vocab_size": 323, "context_length": 256, "dtype": "float32",
-        "source": str(tiny_llama_path),
+        "source": str(tiny_llama_path), "quantization": None,
     }
     assert tiny_llama.arch.name == "llama"
 
@@ -116,13 +116,13 @@ def test_unknown_model_type_is_a_load_error(tmp_path, tiny_llama_path):
 
 
 def test_unsupported_architecture(tmp_path, tiny_llama_path):
-    """A real tiny Phi model: mlx-lm runs it, but we have no capture map for it."""
+    """A real tiny Mamba model: mlx-lm runs it, but it has no attention or MLP blocks to capture."""
     import transformers
 
-    folder = tmp_path / "tiny-phi"
-    config = transformers.PhiConfig(vocab_size=323, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=2, max_position_embeddings=64)
-    transformers.PhiForCausalLM(config).save_pretrained(folder)
+    folder = tmp_path / "tiny-mamba"
+    config = transformers.MambaConfig(vocab_size=323, hidden_size=32, state_size=4, num_hidden_layers=1, expand=2,
+                                      conv_kernel=4)
+    transformers.MambaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_llama_path / name, folder / name)
     mlx_lm.load(str(folder))  # mlx-lm itself can load it
@@ -130,7 +130,7 @@ def test_unsupported_architecture(tmp_path, tiny_llama_path):
         load_model(str(folder))
     err = info.value
     assert isinstance(err, ModelLoadError) and isinstance(err, EngineError)
-    assert "'phi'" in err.message and "llama" in err.message and "gpt2" in err.message
+    assert "'mamba'" in err.message and "attn" in err.message and "mlp" in err.message
     assert err.arg == "model_path"
 
 
