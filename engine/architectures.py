@@ -55,14 +55,14 @@ class Architecture:
     inner: str
     layers: str
     embed: str
-    final_norm: str
+    final_norm: str | None
     attn: str
     mlp: str
     ln1: str | None
     ln2: str | None
     attn_out: str | None  # inside attn: its input is each head's output (head_output)
-    mlp_out: str | None  # inside mlp: its input is the neurons (mlp_activation); None for expert MoE blocks
-    seam: bool  # attention calls the model file's scaled_dot_product_attention (query ... head_output)
+    mlp_out: str | None  # inside mlp: its input is the neurons (mlp_activation); None if a block has experts
+    seam: str | None  # the Python module whose scaled_dot_product_attention the attention calls (query ...)
 
     def _inner(self, model):
         return getattr(model, self.inner)
@@ -85,7 +85,9 @@ class Architecture:
         }[site]
 
     def has(self, site: str) -> bool:
-        return site in ("embed", "lnf") or self.site_path(site) is not None
+        if site in ("embed", "lnf"):
+            return site == "embed" or self.final_norm is not None
+        return self.site_path(site) is not None
 
     def module(self, model, site: str, layer: int | None):
         """The module a site's tensor is taken from."""
@@ -122,13 +124,30 @@ def discover(model: Any, model_type: str) -> Architecture:
     if block is not None:
         found.update((p, _find(block, p)) for p in ("attn", "mlp", "ln1", "ln2"))
     found.update(NOTES.get(model_type, {}))
-    missing = [p for p in ("inner", "layers", "embed", "final_norm", "attn", "mlp") if not found.get(p)]
+    missing = [p for p in ("inner", "layers", "embed", "attn", "mlp") if not found.get(p)]
     if missing:
         raise LookupError(f"no {', '.join(missing)} found in the module tree")
-    attn, mlp = getattr(block, found["attn"]), getattr(block, found["mlp"])
-    seam = "scaled_dot_product_attention(" in inspect.getsource(type(attn).__call__)
-    return Architecture(name=model_type, **found, attn_out=_find(attn, "attn_out"), mlp_out=_find(mlp, "mlp_out"),
-                        seam=seam)
+    # Every block must have the part (some models mix dense and expert MLPs, or attention kinds).
+    mlps = [getattr(b, found["mlp"]) for b in blocks]
+    mlp_outs = {_find(m, "mlp_out") for m in mlps}
+    attn_outs = {_find(getattr(b, found["attn"]), "attn_out") for b in blocks}
+    seams = {_seam(getattr(b, found["attn"])) for b in blocks}
+    return Architecture(name=model_type, **found, attn_out=attn_outs.pop() if len(attn_outs) == 1 else None,
+                        mlp_out=mlp_outs.pop() if len(mlp_outs) == 1 else None,
+                        seam=seams.pop() if len(seams) == 1 else None)
+
+
+def _seam(attn: Any) -> str | None:
+    """The module whose `scaled_dot_product_attention` the attention's __call__ calls, if it does."""
+    call = type(attn).__call__
+    try:
+        source = inspect.getsource(call)
+    except (TypeError, OSError):  # not Python code (e.g. a bare nn.Module)
+        return None
+    globals_ = getattr(call, "__globals__", {})
+    if "scaled_dot_product_attention(" in source and "scaled_dot_product_attention" in globals_:
+        return globals_["__name__"]
+    return None
 
 
 def model_arg(args: Any, name: str, default: Any = None) -> Any:

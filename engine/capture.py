@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 
 from engine.errors import EngineError
 from engine.hooks import HookTarget, module_path
@@ -46,11 +47,14 @@ def _tapped_class(cls: type) -> type:
     """A subclass of `cls` whose __call__ reports (module, input, output) to the active capture."""
     sub = _tapped_classes.get(cls)
     if sub is None:
-        def __call__(self, x, *args, **kwargs):
+        def __call__(self, *args, **kwargs):
             capture = _active
             if capture is None:
-                return cls.__call__(self, x, *args, **kwargs)
-            return capture._on_module(self, cls, x, args, kwargs)
+                return cls.__call__(self, *args, **kwargs)
+            if not args:  # the tensor passed by keyword (gptj's blocks: x=...)
+                name = next(iter(kwargs))
+                return capture._on_module(self, cls, kwargs.pop(name), (), kwargs, name)
+            return capture._on_module(self, cls, args[0], args[1:], kwargs)
 
         sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
         _tapped_classes[cls] = sub
@@ -74,6 +78,15 @@ def attention_scores(queries: mx.array, keys: mx.array, scale: float, mask) -> m
     if mask.dtype == mx.bool_:
         return mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
     return scores + mask
+
+
+def attention_pattern(scores: mx.array, sinks: mx.array | None = None) -> mx.array:
+    """Softmax of [H, T_q, T_k] scores. Attention sinks (gpt-oss: one learned logit per head)
+    take part in the softmax and are then dropped, so a row may sum to less than one."""
+    if sinks is None:
+        return mx.softmax(scores, axis=-1, precise=True)
+    sink = mx.broadcast_to(sinks.astype(scores.dtype)[:, None, None], (*scores.shape[:2], 1))
+    return mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1, precise=True)[..., :-1]
 
 
 class Capture:
@@ -124,7 +137,7 @@ class Capture:
                 self._edits.setdefault(id(module), []).append(t)
             else:
                 self._taps.setdefault(id(module), []).append((t, rec))
-        self._model_module = sys.modules[type(model).__module__]
+        self._seam_module = sys.modules[arch.seam] if arch.seam else None
         return list(modules.values())
 
     # --- installed for the duration of a generation -------------------------------------------
@@ -133,7 +146,7 @@ class Capture:
         global _active
         with _INSTALL_LOCK:
             originals = [(m, type(m)) for m in self._modules]
-            seam_owner = self._model_module
+            seam_owner = self._seam_module
             original_sdpa = getattr(seam_owner, "scaled_dot_product_attention", None)
             seam = bool(self._sdpa_taps or self._sdpa_edits)
             if seam and original_sdpa is None:
@@ -184,7 +197,7 @@ class Capture:
                 self.touched[self.interventions.index(iv)][-1] += n
         return x
 
-    def _on_module(self, module, cls: type, x, args, kwargs):
+    def _on_module(self, module, cls: type, x, args, kwargs, x_name: str | None = None):
         edits = self._edits.get(id(module))
         if edits:
             x = self._intervene(edits, x, on_input=True)
@@ -192,7 +205,8 @@ class Capture:
         if layer is not None:
             self._seam_layer = layer
         try:
-            out = cls.__call__(module, x, *args, **kwargs)
+            out = cls.__call__(module, x, *args, **kwargs) if x_name is None else \
+                cls.__call__(module, *args, **{x_name: x}, **kwargs)
         finally:
             self._seam_layer = None
         if edits:
@@ -228,7 +242,7 @@ class Capture:
                     if t.component == "attention_scores":
                         self._keep(rec, scores, 1)
                     else:
-                        self._keep(rec, mx.softmax(scores, axis=-1, precise=True), 1)
+                        self._keep(rec, attention_pattern(scores, kwargs.get("sinks")), 1)
             return out
 
         return scaled_dot_product_attention
@@ -246,7 +260,7 @@ class Capture:
         if all(e is None for e in new):
             return queries, keys, values
         if cache is not None:
-            if not (hasattr(cache, "keys") and hasattr(cache, "offset") and isinstance(cache.keys, mx.array)):
+            if type(cache) is not KVCache:
                 raise EngineError(f"key and value interventions need a plain KV cache, not {type(cache).__name__}",
                                   "interventions")
             end = cache.offset

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 import engine  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from engine.capture import Capture
@@ -144,6 +144,11 @@ class Forward:
                  logprobs: LogprobOptions | None = None):
         self._model = lm.model
         self._cache = make_prompt_cache(lm.model)
+        if capture is not None:
+            # A rotating cache (sliding-window layers) keeps only the window's keys, in ring order; the
+            # capture's key axis and key/value interventions need every key at its position. A full
+            # cache with the window in the mask computes the same attention.
+            self._cache = [KVCache() if isinstance(c, RotatingKVCache) else c for c in self._cache]
         # top_k = the whole vocabulary keeps every token: off (mlx-lm's sampler takes fewer only).
         top_k = 0 if sampling.top_k >= lm.info.vocab_size else sampling.top_k
         self._sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
