@@ -1,21 +1,23 @@
 """A zoo of tiny random-weight models, one per mlx-lm architecture that transformers also implements.
 
 `ZOO` maps an mlx-lm model_type (the config's model_type) to the keyword arguments of a tiny
-Hugging Face config: hidden 64, 2-3 layers, 4 heads (2 kv heads where the model has GQA), head_dim
+Hugging Face config: hidden 64, 2-4 layers, 4 heads (2 kv heads where the model has GQA), head_dim
 16, intermediate 128, MoE with 4 experts top-2, sliding windows of 8 tokens (so that a 20-40 token
 prompt really crosses them), and enough layers that every kind of layer (sliding/full, dense/MoE,
-rope/no-rope) occurs at least once.
+rope/no-rope, KV-sharing) occurs at least once. Every entry's mlx-lm logits equal transformers'
+(tests/test_arch_zoo.py); `MLX_DIFFERENCES` lists the real-checkpoint settings where they do not,
+`SKIPPED` the candidates left out and why.
 
-`make_zoo_model` builds one with transformers (torch CPU, float32), widens its random init like
-`tests.tiny_models.make_tiny_model` does, and saves it in the layout mlx-lm loads, with the tiny
-tokenizer of tests.tiny_models.
+`make_zoo_model(folder, model_type)` builds one with transformers (torch CPU, float32), widens its
+random init like `tests.tiny_models.make_tiny_model` does, and saves it with the tiny tokenizer of
+tests.tiny_models: `folder` is what mlx-lm loads, `hf_folder(folder)` transformers' own checkpoint.
 
 Config keys: transformers 5 writes some settings only in their new form (`rope_theta` and
 `partial_rotary_factor` inside `rope_parameters`, `num_local_experts` for `num_experts`, per-layer-type
 rope parameters, `layer_types` for a sliding-window pattern). mlx-lm reads the older top-level keys
-that hub checkpoints carry, so `make_zoo_model` also writes those (see `_legacy_keys`) and lists
-them under "_zoo_legacy_keys" in config.json. Without them mlx-lm silently falls back to its own
-defaults for some architectures.
+that hub checkpoints carry, so the mlx-lm config.json also has those (see `_legacy_keys`), listed
+under "_zoo_legacy_keys". Without them mlx-lm fails to load some architectures and silently falls
+back to its own defaults for others (phi, deepseek_v3, ...).
 """
 
 from __future__ import annotations
@@ -105,10 +107,11 @@ ZOO: dict[str, dict] = {
                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
     # Gemma 4: per-layer input embeddings, wider full-attention heads, the last 2 layers reuse earlier KV.
-    "gemma4_text": dict(_DENSE, num_hidden_layers=4, sliding_window=_WINDOW, layer_types=_types("s", "f", "s", "f"),
-                        num_kv_shared_layers=2, global_head_dim=32, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
+    "gemma4_text": dict(_DENSE, num_hidden_layers=4, sliding_window=_WINDOW,
+                        layer_types=_types("s", "f", "s", "f"), num_kv_shared_layers=2, global_head_dim=32,
+                        hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
                         final_logit_softcapping=30.0),
-    # ---- GPT-style: fused or separate qkv, LayerNorm, GELU MLPs ----
+    # ---- GPT-style: fused or separate qkv, LayerNorm, GELU MLPs, some parallel blocks ----
     "gpt2": dict(n_embd=D, n_layer=2, n_head=4, n_positions=256, n_ctx=256),
     "gpt_bigcode": dict(n_embd=D, n_layer=2, n_head=4, n_positions=256, n_inner=128, multi_query=True),
     "gpt_neox": dict(_DENSE, intermediate_size=4 * D, num_key_value_heads=4, **_ROPE, partial_rotary_factor=0.25,
@@ -263,8 +266,6 @@ def _gpt_oss_weights(weights: dict) -> dict:
 
 def _nanochat_weights(weights: dict) -> dict:
     """transformers' names -> the original nanochat names mlx-lm expects (it has no sanitize)."""
-    import re
-
     subs = [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.layers\.", "transformer.h."),
             (r"\.self_attn\.([qkv])_proj\.", r".attn.c_\1."), (r"\.self_attn\.o_proj\.", ".attn.c_proj."),
             (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj.")]
@@ -293,6 +294,7 @@ def hf_folder(folder: Path) -> Path:
     """Where transformers' own checkpoint of the zoo model built in `folder` lies."""
     return Path(folder) / "hf"
 
+
 # Top-level keys hub checkpoints of these architectures carry that transformers 5 no longer writes.
 EXTRA_LEGACY_KEYS: dict[str, dict] = {
     "gemma3_text": {"sliding_window_pattern": 3},
@@ -311,8 +313,9 @@ def zoo_key(model_type: str, overrides: dict | None = None) -> str:
     """A short hash of everything that decides the model built for `model_type`."""
     import transformers
 
-    spec = {"v": ZOO_VERSION, "kwargs": {**ZOO[model_type], **(overrides or {})}, "scale": SCALE.get(model_type, DEFAULT_SCALE),
-            "bare": model_type in BARE_BASE, "mlx_weights": model_type in MLX_WEIGHTS, "legacy": EXTRA_LEGACY_KEYS.get(model_type),
+    spec = {"v": ZOO_VERSION, "kwargs": {**ZOO[model_type], **(overrides or {})},
+            "scale": SCALE.get(model_type, DEFAULT_SCALE), "bare": model_type in BARE_BASE,
+            "mlx_weights": model_type in MLX_WEIGHTS, "legacy": EXTRA_LEGACY_KEYS.get(model_type),
             "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -368,6 +371,7 @@ def make_zoo_model(folder: Path, model_type: str, seed: int = 0, overrides: dict
     older keys would override). `overrides` replace some ZOO kwargs (e.g. those of MLX_DIFFERENCES).
     """
     import os
+    import shutil
 
     import torch
     import transformers
@@ -401,10 +405,14 @@ def make_zoo_model(folder: Path, model_type: str, seed: int = 0, overrides: dict
     hf_dir = hf_folder(folder)
     (model.base_model if model_type in BARE_BASE else model).save_pretrained(hf_dir, safe_serialization=True)
     convert = MLX_WEIGHTS.get(model_type)
-    for f in sorted(hf_dir.glob("model*.safetensors*")):
-        if convert is None:
-            os.link(f, folder / f.name)
-    if convert is not None:
+    if convert is None:  # the same files (hard links where the file system has them)
+        for f in sorted(hf_dir.glob("model*.safetensors*")):
+            (folder / f.name).unlink(missing_ok=True)
+            try:
+                os.link(f, folder / f.name)
+            except OSError:
+                shutil.copyfile(f, folder / f.name)
+    else:
         weights = {}
         for f in sorted(hf_dir.glob("model*.safetensors")):
             weights.update(load_file(f))
