@@ -39,5 +39,14 @@ $(STAMP): pyproject.toml
 model: setup
 	$(VENV)/bin/nsbridge fetch-default
 
+# The verification matrix (every zoo architecture against transformers, slow ones included), then
+# docs/architectures.md and README.md's count from its results; failing architectures are listed
+# as not verified (MATRIX_XML keeps the run's report).
+MATRIX_XML ?= build/architectures-matrix.xml
+.PHONY: docs-architectures
+docs-architectures: setup
+	-$(PY) -m pytest -q tests/test_architectures.py --junitxml=$(MATRIX_XML) $(PYTEST_ARGS)
+	$(PY) -m tests.architectures_doc --junit $(MATRIX_XML)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

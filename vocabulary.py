@@ -26,13 +26,13 @@ class Component:
     """What one kind of captured tensor is.
 
     `sizes` names the per-token axes in stored (token-major) order; each is a model dimension
-    (`d_model`, `d_head`, `d_mlp`, `n_heads`, `n_kv_heads`) or `key`, the key axis of attention, which
+    (`d_model`, `d_head`, `d_mlp`, `n_heads`, `n_kv_heads`, `n_experts`) or `key`, the key axis of attention, which
     grows with the sequence. The engine's per-step arrays put the tokens on `token_axis`:
     0 for vectors ([T, d_model]), 1 for per-head tensors ([heads, T, ...]).
     """
 
     name: str
-    site: str  # where the engine takes it: embed | block | attn | mlp | ln1 | ln2 | lnf | sdpa | mlp_post
+    site: str  # where the engine takes it: embed | block | attn | mlp | ln1 | ln2 | lnf | sdpa | mlp_post | router
     sizes: tuple[str, ...]
     token_axis: int
     has_input: bool  # a module input exists (capture_input applies)
@@ -58,7 +58,9 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("attention", "attn", ("d_model",), 0, True,
               description="attention module output, after the output projection"),
     Component("mlp", "mlp", ("d_model",), 0, True, description="MLP output"),
-    Component("embedding", "embed", ("d_model",), 0, False, description="token embedding output"),
+    Component("embedding", "embed", ("d_model",), 0, False,
+              description="token embedding, as the embedding module returns it: before any scale the model "
+                          "applies (Gemma's sqrt(d_model), MiniCPM's scale_emb, Granite's embedding_multiplier)"),
     Component("layernorm", "ln1", ("d_model",), 0, True,
               description="pre-attention norm output (ln2 / ln_final via TransformerLens names)"),
     Component("attention_scores", "sdpa", ("n_heads", "key"), 1, False, key_pad=-math.inf,
@@ -73,6 +75,12 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("mlp_activation", "mlp_post", ("d_mlp",), 0, False,
               description="the MLP's hidden activation (after the nonlinearity and the gate): its neurons, "
                           "what the down projection receives"),
+    Component("router", "router", ("n_experts",), 0, False,
+              description="mixture-of-experts layers only: the router's logits per expert, what its linear gate "
+                          "outputs (before the softmax or sigmoid). The chosen experts are the num_experts_per_tok "
+                          "largest routing scores computed from them (the same ranking as the logits, unless the "
+                          "model adds a per-expert selection bias, e.g. MiniMax-M2's e_score_correction_bias); "
+                          "interventions change the logits before the choice"),
 )}
 COMPONENT_NAMES = tuple(COMPONENTS)
 ATTENTION_INTERNALS = tuple(c.name for c in COMPONENTS.values() if c.site == "sdpa")
@@ -101,7 +109,7 @@ SUBMODULES = {
     "post_attention_layernorm": "ln2", "ln_2": "ln2", "ln2": "ln2",
 }
 _SITE_COMPONENTS = {
-    "attn": ("attention",) + ATTENTION_INTERNALS, "mlp": ("mlp", "mlp_activation"), "ln1": ("layernorm",),
+    "attn": ("attention",) + ATTENTION_INTERNALS, "mlp": ("mlp", "mlp_activation", "router"), "ln1": ("layernorm",),
     "ln2": ("layernorm",),
 }
 # TransformerLens hook name (after `blocks.N.`) -> (site, component, is_input)
@@ -120,6 +128,7 @@ TL_BLOCK_HOOKS = {
     "attn.hook_pattern": ("sdpa", "attention_pattern", False),
     "attn.hook_z": ("sdpa", "head_output", False),
     "mlp.hook_post": ("mlp_post", "mlp_activation", False),
+    "mlp.hook_router": ("router", "router", False),
     "ln1.hook_normalized": ("ln1", "layernorm", False),
     "ln2.hook_normalized": ("ln2", "layernorm", False),
 }
@@ -225,7 +234,7 @@ def intervention_refusal(site: Site, named_by_component: bool = True) -> tuple[s
 
 def per_token_shape(component: str, dims: Mapping[str, int]) -> list[int]:
     """Stored (token-major) shape of one token's tensor; the key axis is -1 (the sequence so far).
-    `dims` holds the model's d_model, d_head, d_mlp, n_heads and n_kv_heads."""
+    `dims` holds the model's d_model, d_head, d_mlp, n_heads, n_kv_heads and n_experts."""
     return [-1 if s == "key" else int(dims[s]) for s in COMPONENTS[component].sizes]
 
 

@@ -77,7 +77,9 @@ def attention_scores(queries: mx.array, keys: mx.array, scale: float, mask) -> m
         mask = mx.arange(t_k - t_q, t_k)[:, None] >= mx.arange(t_k)[None]
     if mask.dtype == mx.bool_:
         return mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
-    return scores + mask
+    # An additive mask (multi-head latent attention passes its rotary scores so) marks a key never seen
+    # with its dtype's minimum: softmax gives it exactly 0, as -inf does.
+    return mx.where(mask <= mx.finfo(mask.dtype).min / 2, mx.array(-mx.inf, dtype=scores.dtype), scores + mask)
 
 
 def attention_pattern(scores: mx.array, sinks: mx.array | None = None) -> mx.array:
@@ -209,11 +211,19 @@ class Capture:
                 cls.__call__(module, *args, **{x_name: x}, **kwargs)
         finally:
             self._seam_layer = None
+        # A module may return a tuple whose first item is its tensor (gemma4_text's blocks and
+        # attention also return the shared KV and the offset); the rest passes through untouched.
+        rest = out[1:] if isinstance(out, tuple) else None
+        y = out[0] if rest is not None else out
         if edits:
-            out = self._intervene(edits, out, on_input=False)
+            flat = y.ndim == 2 and edits[0].site == "router"  # a router fed flattened tokens (olmoe): [T, n_experts]
+            y = self._intervene(edits, y[None] if flat else y, on_input=False)
+            y = y[0] if flat else y
+            out = (y, *rest) if rest is not None else y
         if self._recording:
             for t, rec in self._taps.get(id(module), ()):
-                self._keep(rec, (x if t.is_input or t.site in _INPUT_SITES else out)[0], 0)
+                kept = x if t.is_input or t.site in _INPUT_SITES else y
+                self._keep(rec, kept if t.site == "router" and kept.ndim == 2 else kept[0], 0)
         return out
 
     def _seam(self, original):

@@ -25,7 +25,7 @@ class HookTarget:
     hook_id: str
     layer_name: str  # as the client wrote it
     component: str
-    site: str  # embed | block | attn | mlp | ln1 | ln2 | lnf | sdpa | mlp_post
+    site: str  # embed | block | attn | mlp | ln1 | ln2 | lnf | sdpa | mlp_post | router
     layer: int | None
     is_input: bool
 
@@ -88,19 +88,29 @@ def resolve_site(lm: LoadedModel, layer_name: str, component: str | None) -> voc
     """The vocabulary's resolution, refused (VocabularyError) where this model has no such part:
     a model without a pre-MLP norm has no `ln2`, an expert MoE block no single neuron layer."""
     site = vocabulary.resolve_name(layer_name, component, lm.info.n_layers)
-    if not lm.arch.has(site.site):
+    if not lm.arch.has(site.site, site.layer):
+        why = MISSING["attn" if site.site == "sdpa" and lm.arch.attn is None else site.site]
         raise vocabulary.VocabularyError(
             f"{lm.info.architecture} models have no {site.component} at {layer_name!r} "
-            f"({MISSING[site.site]}); GET /v1/activations/points lists what this model has",
+            f"({why}); GET /v1/activations/points lists what this model has",
+            "component" if component is not None else "layer_name")
+    why = lm.arch.lacks(site.component)
+    if why:
+        raise vocabulary.VocabularyError(
+            f"{lm.info.architecture} models have no exact {site.component} at {layer_name!r} ({why}); "
+            "GET /v1/activations/points lists what this model has",
             "component" if component is not None else "layer_name")
     return site
 
 
 # Why a site can be missing, for the error above.
 MISSING = {
-    "ln1": "their blocks have no norm in front of attention",
-    "ln2": "their blocks have no norm in front of the MLP",
+    "attn": "their blocks have several attention modules, not one",
+    "ln1": "their blocks have no single norm in front of attention",
+    "ln2": "their blocks have no single norm in front of the MLP",
     "mlp_post": "their MLP has no single output projection (e.g. a mixture of experts)",
+    "router": "no mixture-of-experts block there with a linear router (dense MLP, or a router that computes its "
+              "logits inside a selection module)",
     "sdpa": "their attention does not go through mlx-lm's scaled_dot_product_attention",
 }
 
@@ -120,7 +130,7 @@ def hook_points(lm: LoadedModel) -> list[dict[str, Any]]:
     its other names, its shape per token and whether interventions may change it."""
     points = []
     for name, site in vocabulary.hook_point_names(lm.info.n_layers):
-        if not lm.arch.has(site.site):
+        if not lm.arch.has(site.site, site.layer) or lm.arch.lacks(site.component):
             continue
         own = lm.arch.module_path("block" if site.layer is not None else site.site, site.layer)
         points.append({

@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class ModelInfo:
     dtype: str  # the compute dtype (of a quantized model: its scales')
     source: str
     quantization: dict | None = None  # {"bits", "group_size"} of a quantized model
+    n_experts: int = 0  # experts per mixture-of-experts layer (the router's logits); 0: no router
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +55,7 @@ class ModelInfo:
     def dims(self) -> dict[str, int]:
         """The sizes `vocabulary.per_token_shape` reads."""
         return {"d_model": self.d_model, "d_head": self.d_head, "d_mlp": self.d_mlp, "n_heads": self.n_heads,
-                "n_kv_heads": self.n_kv_heads}
+                "n_kv_heads": self.n_kv_heads, "n_experts": self.n_experts}
 
 
 @dataclass
@@ -159,12 +161,12 @@ def describe(model: Any, arch: Architecture, model_id: str, source: str) -> Mode
     """The model's facts, from its arguments and, where those differ between model files, its modules."""
     args = model.args
     blocks = arch.blocks(model)
-    attn = getattr(blocks[0], arch.attn)
+    attn = arch.module(model, "attn", 0) if arch.attn else None  # a dotted path where attention is nested
     embed = arch.embedding(model)
     d_model = int(model_arg(args, "d_model"))
     n_heads = int(model_arg(args, "n_heads"))
     mlp_out = arch.module(model, "mlp_post", 0) if arch.has("mlp_post") else None
-    quantized = hasattr(embed, "bits")  # mlx's QuantizedEmbedding: packed uint32 weights, scales in the compute dtype
+    router = arch.module(model, "router", arch.router_layers[0]) if arch.router_layers else None
     return ModelInfo(
         model_id=model_id,
         architecture=arch.name,
@@ -176,10 +178,35 @@ def describe(model: Any, arch: Architecture, model_id: str, source: str) -> Mode
         d_mlp=linear_in_features(mlp_out) if mlp_out is not None else 0,
         vocab_size=int(embed.weight.shape[0]),
         context_length=int(model_arg(args, "context", 4096)),
-        dtype=str((embed.scales if quantized else embed.weight).dtype).removeprefix("mlx.core."),
-        quantization={"bits": int(embed.bits), "group_size": int(embed.group_size)} if quantized else None,
+        dtype=compute_dtype(model),
+        quantization=quantization(model),
         source=source,
+        n_experts=int(router.weight.shape[0]) if router is not None else 0,
     )
+
+
+def quantization(model: Any) -> dict | None:
+    """How the model's quantized layers are quantized (a list where they differ: mixed recipes),
+    or None. Read from the modules, so a float embedding beside quantized layers still counts."""
+    layers = [m for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")]
+    if not layers:
+        return None
+
+    def one(values: set):
+        return values.pop() if len(values) == 1 else sorted(values)
+
+    return {"bits": one({int(m.bits) for m in layers}), "group_size": one({int(m.group_size) for m in layers}),
+            "mode": one({getattr(m, "mode", "affine") for m in layers})}
+
+
+def compute_dtype(model: Any) -> str:
+    """The most common floating dtype among the parameters: the compute dtype, also of a quantized
+    model (whose weights are packed integers and whose microscaling scales are uint8 exponents)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    counts = Counter(str(v.dtype) for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    return counts.most_common(1)[0][0].removeprefix("mlx.core.") if counts else "float32"
 
 
 def _config_fixes(folder: str) -> dict:

@@ -36,7 +36,8 @@ MAX_NAME = 200
 POSITION_SETS = ("all", "prompt", "generated")
 REDUCTIONS = ("mean", "last")
 BASE64_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
-_SIZE_HELP = {"d_model": "residual stream", "d_mlp": "MLP neurons", "d_head": "one attention head"}
+_SIZE_HELP = {"d_model": "residual stream", "d_mlp": "MLP neurons", "d_head": "one attention head",
+              "n_experts": "router logits"}
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays do not compare to a bool; identity is what matters
@@ -60,7 +61,7 @@ class Vector:
 class VectorStore:
     """Vectors for one loaded model; engine.Model owns one, so they are dropped when another model loads.
 
-    `dims` holds the model's d_model, d_head, n_heads, n_kv_heads, d_mlp and n_layers (a size
+    `dims` holds the model's d_model, d_head, n_heads, n_kv_heads, d_mlp, n_experts and n_layers (a size
     left out is simply not accepted). Safe to use from several threads."""
 
     def __init__(self, dims: Mapping[str, int], max_vectors: int = 1024):
@@ -284,6 +285,8 @@ class VectorStore:
     def _check(self, arr: np.ndarray, arg: str) -> np.ndarray:
         """The shape must fit a site of this model."""
         sizes = {k: self.dims[k] for k in ("d_model", "d_mlp", "d_head") if k in self.dims}
+        if self.dims.get("n_experts"):  # mixture-of-experts models only
+            sizes["n_experts"] = self.dims["n_experts"]
         allowed = " or ".join(f"{k} {v} ({_SIZE_HELP[k]})" for k, v in sizes.items())
         heads = {k: self.dims[k] for k in ("n_heads", "n_kv_heads") if k in self.dims}
         if arr.ndim == 1 and arr.shape[0] not in sizes.values():

@@ -75,7 +75,8 @@ def synthetic_capture(
 def _tensor(comp: str, start: int, n: int, d_model: int, n_heads: int, n_kv: int, d_head: int) -> mx.array:
     sizes = COMPONENTS[comp].sizes
     if "key" not in sizes:  # engine layout: the tokens on the component's token axis
-        dims = {"d_model": d_model, "n_heads": n_heads, "n_kv_heads": n_kv, "d_head": d_head}
+        dims = {"d_model": d_model, "n_heads": n_heads, "n_kv_heads": n_kv, "d_head": d_head, "d_mlp": 2 * d_model,
+                "n_experts": 4}
         shape = [dims[s] for s in sizes]
         shape.insert(COMPONENTS[comp].token_axis, n)
         return mx.random.normal(tuple(shape))

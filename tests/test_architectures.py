@@ -42,13 +42,18 @@ _ALTERNATIVES = {name: group for group in CANDIDATES.values() for name in group}
 
 def hf_module(root, path: str):
     """The transformers module at one of our module paths: the same names, or where a model file
-    renamed a part (mlx-lm's gpt_neox keeps its blocks in `h`), another name of that part."""
-    module = root
+    renamed a part (mlx-lm's gpt_neox keeps its blocks in `h`), another name of that part. Two
+    names of one part in a row (mlx-lm's exaone: `attn.attention`, a wrapper its blocks never call,
+    and the attention in it) name one module where transformers has no wrapper (Llama's `self_attn`)."""
+    module, previous = root, None
     for part in path.split("."):
         options = (part,) + tuple(a for a in _ALTERNATIVES.get(part, ()) if a != part)
-        module = next((getattr(module, o) for o in options if getattr(module, o, None) is not None), None)
-        if module is None:
+        found = next((getattr(module, o) for o in options if getattr(module, o, None) is not None), None)
+        if found is None and previous is not None and _ALTERNATIVES.get(part) == _ALTERNATIVES.get(previous):
+            found = module
+        if found is None:
             raise LookupError(f"{path}: no {part!r} in {type(root).__name__}")
+        module, previous = found, part
     return module
 
 
@@ -67,6 +72,12 @@ def hf_reference(folder, ids: list[int], points: list[dict]) -> tuple[dict, np.n
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         own = sys.modules[type(module).__module__].eager_attention_forward
+        indices = kwargs.pop("indices", None)
+        if indices is not None:  # DeepSeek sparse attention: fold the indexer's top-k into the mask, as eager does
+            unpicked = torch.ones((*indices.shape[:2], key.shape[2]), dtype=torch.bool).scatter(
+                -1, indices.long(), False).unsqueeze(1)
+            attention_mask = attention_mask & ~unpicked if attention_mask.dtype == torch.bool else \
+                attention_mask.masked_fill(unpicked, torch.finfo(query.dtype).min)
         out, weights = own(module, query, key, value, attention_mask, **kwargs)
         n_rep = query.shape[1] // key.shape[1]
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
@@ -97,6 +108,15 @@ def hf_reference(folder, ids: list[int], points: list[dict]) -> tuple[dict, np.n
             module.register_forward_pre_hook(
                 lambda _m, args, kwargs, n=name: keep(n, (args[0] if args else kwargs["hidden_states"])[0]),
                 with_kwargs=True)
+        elif p["component"] == "router":  # transformers' routers return (logits [tokens, experts], scores, indices)
+            module.register_forward_hook(
+                lambda _m, _a, out, n=name: keep(n, (o := out[0] if isinstance(out, tuple) else out).reshape(
+                    -1, o.shape[-1])))
+        elif p["component"] == "embedding" and hasattr(module, "embed_scale"):
+            # Our embedding is what the embedding module returns, before any scale the model applies
+            # (granite's embedding_multiplier in both libraries); transformers' scaled embeddings
+            # (Gemma, MiniCPM3) apply theirs inside the module, mlx-lm after it.
+            module.register_forward_hook(lambda m, _a, out, n=name: keep(n, out[0] / m.embed_scale.to(out.dtype)))
         else:
             module.register_forward_hook(
                 lambda _m, _a, out, n=name: keep(n, (out[0] if isinstance(out, tuple) else out)[0]))
@@ -157,3 +177,44 @@ def test_every_component_equals_transformers(model_type):
     results[model_type] = record
     path.write_text(json.dumps(results, indent=1, sort_keys=True))
     assert not record["not_referenced"], f"no reference for {record['not_referenced'][:5]}"
+
+
+def test_router_interventions_change_the_expert_choice():
+    """The router's logits come before the top-k: raising one expert's logit by a lot makes every token
+    choose it, so the expert block's output changes; the logits captured after the change show it."""
+    lm = load_model(str(zoo_model("mixtral")))
+    prompt = prompt_ids(zoo_model("mixtral"))
+    hooks = [{"layer_name": "blocks.1.mlp.hook_router"}, {"layer_name": "blocks.1.hook_mlp_out"}]
+
+    def run(interventions=()):
+        events = list(generate(plan(lm, prompt=prompt, sampling=SamplingParams(max_tokens=2, temperature=0),
+                                    hooks=hooks, interventions=list(interventions))))
+        return events[-1].result.capture.arrays()
+
+    clean = run()
+    expert = int(np.argmin(clean["blocks.1.mlp.hook_router"][-1]))
+    push = [0.0] * lm.info.n_experts
+    push[expert] = 1e4
+    changed = run([{"layer_name": "blocks.1.mlp.hook_router", "op": "add", "vector": push}])
+    assert lm.info.n_experts == 4 and clean["blocks.1.mlp.hook_router"].shape[1:] == (4,)
+    assert set(changed["blocks.1.mlp.hook_router"].argmax(-1).tolist()) == {expert}
+    assert not np.allclose(changed["blocks.1.hook_mlp_out"], clean["blocks.1.hook_mlp_out"])
+
+
+@pytest.mark.parametrize("model_type,layer_name,component,why", [
+    ("deepseek_v3", "model.layers.1", "query", "multi-head latent attention"),
+    ("deepseek_v3", "blocks.1.attn.hook_v", None, "multi-head latent attention"),
+    ("deepseek_v3", "blocks.1.mlp.hook_router", None, "selection module"),  # MoEGate: no linear gives the logits
+    ("llama", "blocks.0.mlp.hook_router", None, "mixture-of-experts"),
+])
+def test_absent_components_are_refused_and_not_listed(model_type, layer_name, component, why):
+    from engine.errors import UnknownHook
+    from engine.hooks import resolve_hook
+    from engine.params import HookSpec
+
+    lm = load_model(str(zoo_model(model_type)))
+    with pytest.raises(UnknownHook, match=why):
+        resolve_hook(lm, HookSpec(layer_name=layer_name, component=component))
+    names = {p["name"] for p in hook_points(lm)}
+    assert "blocks.1.attn.hook_pattern" in names  # latent attention still gives exact scores and patterns
+    assert (layer_name if component is None else "blocks.1.attn.hook_q") not in names

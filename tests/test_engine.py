@@ -49,7 +49,7 @@ def test_tiny_llama_facts(tiny_llama, tiny_llama_path):
     assert info.to_dict() == {
         "model_id": "tiny-llama", "architecture": "llama", "n_layers": 3, "d_model": 64, "n_heads": 4,
         "n_kv_heads": 2, "d_head": 16, "d_mlp": 128, "vocab_size": 323, "context_length": 256, "dtype": "float32",
-        "source": str(tiny_llama_path), "quantization": None,
+        "source": str(tiny_llama_path), "quantization": None, "n_experts": 0,
     }
     assert tiny_llama.arch.name == "llama"
 

@@ -110,7 +110,7 @@ def test_register_refuses_a_registered_id(model):
 
 def test_hook_points(model):
     points = model.hook_points()
-    assert len(points) == 2 + len(vocabulary.TL_BLOCK_HOOKS) * model.info.n_layers
+    assert len(points) == 2 + (len(vocabulary.TL_BLOCK_HOOKS) - 1) * model.info.n_layers  # dense: no router
     z = next(p for p in points if p["name"] == "blocks.1.attn.hook_z")
     assert z["component"] == "head_output" and z["shape_per_token"] == [model.info.n_heads, model.info.d_head]
     post = next(p for p in points if p["name"] == "blocks.2.mlp.hook_post")

@@ -30,6 +30,7 @@ import vocabulary
 from engine.capture import Capture
 from engine.errors import InvalidArgument, UnknownHook
 from engine.generate import Completion, generate
+from engine.hooks import hook_points
 from engine.interventions import Intervention, intervention_specs, resolve_interventions, sources_from
 from engine.params import CaptureOptions, LogprobOptions, SamplingParams
 from engine.plan import plan
@@ -308,8 +309,8 @@ def make_setup(arch: str, lm, path, layer: int, prompt: list[int], corrupt: list
                hooks: list[dict] | None = None) -> Setup:
     ref = Reference(path, arch, f"{arch}_{lm.info.n_layers}")
     assert len(corrupt) == len(prompt) and corrupt != prompt
-    if hooks is None:  # every hook point
-        hooks = [{"layer_name": name} for name, _ in vocabulary.hook_point_names(lm.info.n_layers)]
+    if hooks is None:  # every hook point of the model (the tiny models are dense: no router)
+        hooks = [{"layer_name": p["name"]} for p in hook_points(lm)]
     eos = set(lm.tokenizer.eos_token_ids)
     clean = engine_run(lm, prompt, None, hooks)
     tokens, clean_ref, _ = ref.generate(prompt, N, [], eos)
@@ -477,12 +478,12 @@ def test_interventions_change_the_generation(setup):
 
 def test_sites_are_every_interventable_point(tiny_llama):
     """SITES is every hook point that may be intervened on; the refused ones are the rest."""
-    names = {name for name, _ in vocabulary.hook_point_names(tiny_llama.info.n_layers)
-             if name.startswith(("blocks.1.", "hook_", "ln_final"))}
+    names = {p["name"] for p in hook_points(tiny_llama) if p["name"].startswith(("blocks.1.", "hook_", "ln_final"))}
     assert {t.format(1) for t in SITES} | {t.format(1) for t in REFUSED} == names
     assert not {t.format(1) for t in SITES} & {t.format(1) for t in REFUSED}
-    interventable = {name for name, site in vocabulary.hook_point_names(3)
-                     if site.component not in vocabulary.NOT_INTERVENABLE and not name.endswith("hook_resid_mid")}
+    interventable = {name for name, site in vocabulary.hook_point_names(3)  # (a dense model: no router)
+                     if site.component not in vocabulary.NOT_INTERVENABLE and not name.endswith("hook_resid_mid")
+                     and site.site != "router"}
     assert interventable == {t.format(i) for t in SITES for i in range(3)}
 
 
@@ -679,7 +680,7 @@ def test_interventions_that_change_no_value_leave_logits_bit_identical(tiny):
     """Every site tapped, keys and values written back into the cache, patches copied in: the
     logits of every step are bit-identical to a plain run."""
     prompt = tiny.chat_prompt(PROMPT)
-    hooks = [{"layer_name": name} for name, _ in vocabulary.hook_point_names(tiny.info.n_layers)]
+    hooks = [{"layer_name": p["name"]} for p in hook_points(tiny)]
     clean = engine_run(tiny, prompt, None, hooks)
     specs = _identity_specs(tiny, prompt, clean)
     plain = stepwise_logits(tiny, prompt, N)

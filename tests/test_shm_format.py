@@ -183,7 +183,8 @@ def test_stale_handle_after_reuse(registry):
 
 
 def test_components_cover_the_contract():
+    """The ten components existing clients know, plus those added since (heads' outputs, neurons, routers)."""
     assert set(ALL_COMPONENTS) == {
         "residual", "attention", "mlp", "embedding", "layernorm",
         "attention_scores", "attention_pattern", "key", "query", "value",
-    }
+    } | {"head_output", "mlp_activation", "router"}

@@ -17,7 +17,7 @@ from engine.vectors import Vector, VectorStore, read_gguf
 from tests.gguf_writer import controlvector_bytes, gguf_bytes, write_gguf
 
 # The tiny llama's sizes (tests/tiny_models.py); every size distinct, so each check is visible.
-DIMS = {"d_model": 64, "d_head": 16, "n_heads": 4, "n_kv_heads": 2, "d_mlp": 128, "n_layers": 3}
+DIMS = {"d_model": 64, "d_head": 16, "n_heads": 4, "n_kv_heads": 2, "d_mlp": 128, "n_experts": 0, "n_layers": 3}
 RNG = np.random.default_rng(0)
 
 
