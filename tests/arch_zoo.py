@@ -27,7 +27,7 @@ import json
 import re
 from pathlib import Path
 
-from tests.tiny_models import SPECIAL, _train_tokenizer
+from tests.tiny_models import write_tokenizer
 
 ZOO_VERSION = 1  # bump when make_zoo_model's output changes for the same ZOO entry
 
@@ -381,9 +381,7 @@ def make_zoo_model(folder: Path, model_type: str, seed: int = 0, overrides: dict
     if (folder / "config.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    _train_tokenizer(folder)
-    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
-    n_vocab = max(vocab.values()) + 1 + len(SPECIAL)
+    n_vocab = write_tokenizer(folder)
     config = hf_config(model_type, n_vocab, overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -73,3 +73,19 @@ def assert_unchanged(lm, before):
     assert capture_mod._active is None
     assert capture_mod._INSTALL_LOCK.acquire(blocking=False)
     capture_mod._INSTALL_LOCK.release()
+
+
+def causal_attention(query, key, value, scaling=None):
+    """Reference attention over a whole sequence (torch, [B, H, T, D]; keys/values per KV head):
+    (scores masked with -inf above the diagonal, softmax pattern, pattern @ values)."""
+    import torch
+
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    n_rep = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    t_q, t_k = query.shape[2], k.shape[2]
+    scores = (query @ k.transpose(-1, -2)) * scaling
+    causal = torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q)
+    scores = scores.masked_fill(~causal, float("-inf"))
+    pattern = torch.softmax(scores, dim=-1)
+    return scores, pattern, pattern @ v

@@ -28,7 +28,7 @@ from engine.hooks import estimate_bytes, hook_points, hook_specs, resolve_hooks
 from engine.params import CaptureOptions, SamplingParams, parse
 from engine.plan import plan
 from engine.records import to_numpy
-from tests.reference import assert_close, assert_unchanged, snapshot, stepwise_logits
+from tests.reference import assert_close, assert_unchanged, causal_attention, snapshot, stepwise_logits
 from vocabulary import COMPONENT_NAMES as COMPONENTS
 from vocabulary import COMPONENTS as VOCABULARY
 from vocabulary import TL_BLOCK_HOOKS
@@ -57,17 +57,10 @@ def hf_reference(path, arch: str, token_ids: list[int]) -> dict[str, np.ndarray]
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         i = module.layer_idx
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        n_rep = query.shape[1] // key.shape[1]
-        k, v = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
-        t_q, t_k = query.shape[2], k.shape[2]
-        scores = (query @ k.transpose(-1, -2)) * scaling
-        causal = torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q)
-        scores = scores.masked_fill(~causal, float("-inf"))
-        pattern = torch.softmax(scores, dim=-1)
+        scores, pattern, out = causal_attention(query, key, value, scaling)
         for name, t in (("query", query), ("key", key), ("value", value), ("scores", scores), ("pattern", pattern)):
             keep(f"{i}.{name}", t[0])
-        return (pattern @ v).transpose(1, 2).contiguous(), pattern
+        return out.transpose(1, 2).contiguous(), pattern
 
     AttentionInterface.register("nsbridge_reference", attention)
     cls = transformers.GPT2LMHeadModel if arch == "gpt2" else transformers.AutoModelForCausalLM

@@ -35,7 +35,7 @@ from engine.interventions import Intervention, intervention_specs, resolve_inter
 from engine.params import CaptureOptions, LogprobOptions, SamplingParams
 from engine.plan import plan
 from engine.vectors import VectorStore
-from tests.reference import assert_close, assert_unchanged, snapshot, stepwise_logits
+from tests.reference import assert_close, assert_unchanged, causal_attention, snapshot, stepwise_logits
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 N = 5  # generated tokens per case
@@ -227,23 +227,15 @@ class Reference:
         module.register_forward_hook(hook)
 
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        torch = self.torch
         b = f"blocks.{module.layer_idx}.attn."
         query = self._point(b + "hook_q", query)  # [1, H, T, D], after RoPE
         key = self._point(b + "hook_k", key)  # [1, KV, T, D], after RoPE
         value = self._point(b + "hook_v", value)
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        n_rep = query.shape[1] // key.shape[1]
-        k, v = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
-        t_q, t_k = query.shape[2], k.shape[2]
-        scores = (query @ k.transpose(-1, -2)) * scaling
-        causal = torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q)
-        scores = scores.masked_fill(~causal, float("-inf"))
-        pattern = torch.softmax(scores, dim=-1)
+        scores, pattern, out = causal_attention(query, key, value, scaling)
         if self.rec is not None:
             self.rec[b + "hook_attn_scores"] = scores[0].transpose(0, 1).numpy().copy()
             self.rec[b + "hook_pattern"] = pattern[0].transpose(0, 1).numpy().copy()
-        return (pattern @ v).transpose(1, 2).contiguous(), pattern
+        return out.transpose(1, 2).contiguous(), pattern
 
     # --- generation ---
     def logits(self, token_ids: list[int]):

@@ -36,6 +36,13 @@ def _train_tokenizer(folder: Path, vocab_size: int = 320) -> None:
     fast.save_pretrained(folder)
 
 
+def write_tokenizer(folder: Path) -> int:
+    """Train the tiny tokenizer into `folder`; returns the model's vocabulary size (with the specials)."""
+    _train_tokenizer(folder)
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    return max(vocab.values()) + 1 + len(SPECIAL)
+
+
 def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     """Create (once) a tiny random model of `arch` ("llama", "qwen2", "qwen3" or "gpt2") in `folder`."""
     import torch
@@ -45,9 +52,7 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     if (folder / "config.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    _train_tokenizer(folder)
-    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
-    n_vocab = max(vocab.values()) + 1 + len(SPECIAL)
+    n_vocab = write_tokenizer(folder)
     torch.manual_seed(seed)
     if arch == "llama":
         config = transformers.LlamaConfig(
