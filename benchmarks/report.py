@@ -162,13 +162,13 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 # --- the report -----------------------------------------------------------------------------
 BENCHMARKS = ("shm_throughput", "transport_e2e", "capture_overhead", "scaling", "server_load",
-              "reference_transformerlens", "interventions")
+              "reference_transformerlens", "interventions", "smalltalk_binary")
 
 
 def load_results(results_dir: Path = RESULTS_DIR, only: set[str] | None = None) -> dict[str, dict]:
     out = {}
     for name in ("shm_throughput", "capture_overhead", "transport_e2e", "server_load", "scaling",
-                 "reference_transformerlens", "interventions"):
+                 "reference_transformerlens", "interventions", "smalltalk_binary"):
         if only is not None and name not in only:
             continue
         p = results_dir / f"{name}.json"
@@ -347,6 +347,15 @@ def section_interventions(r: dict) -> str:
     return "\n".join(parts) if len(parts) > 2 else ""
 
 
+def section_smalltalk(r: dict) -> str:
+    head = "### NeuroScope's Smalltalk client: binary vs JSON activations (`smalltalk_binary`)\n"
+    if r.get("skipped"):
+        return f"{head}\nskipped: {r['skipped']}\n"
+    met = "met" if r.get("target_met") else "NOT met"
+    return (f"{head}\n{r.get('description', '')}\n\n{md_table(r['headers'], r['rows'])}\n\n"
+            f"Target: Smalltalk (base64) within {r.get('target', 3):g}x of Python for the 30-layer requests: {met}.\n")
+
+
 def summary_markdown(results: dict[str, dict], machine: dict, headline: list[list[Any]] | None = None) -> str:
     m = machine
     lines = ["## Latest results", "",
@@ -365,7 +374,7 @@ def summary_markdown(results: dict[str, dict], machine: dict, headline: list[lis
     for name, fn in (("shm_throughput", section_shm), ("transport_e2e", section_transport),
                      ("capture_overhead", section_capture), ("scaling", section_scaling),
                      ("server_load", section_server), ("reference_transformerlens", section_reference),
-                     ("interventions", section_interventions)):
+                     ("interventions", section_interventions), ("smalltalk_binary", section_smalltalk)):
         if name in results:
             try:
                 text = fn(results[name])

@@ -36,6 +36,7 @@ ARGS = {
     "server_load": ([], ["--quick"]),
     "reference_transformerlens": ([], ["--quick"]),
     "interventions": ([], ["--quick"]),
+    "smalltalk_binary": ([], ["--quick"]),
 }
 TIMEOUT_S = {"capture_overhead": 900, "default": 900}
 

@@ -38,7 +38,7 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_N_LAYERS = 30
 COMPONENT_ORDER = COMPONENT_NAMES  # the API's order (vocabulary.py)
-DEFAULT_COMPONENTS = COMPONENT_ORDER
+DEFAULT_COMPONENTS = tuple(c for c in COMPONENT_ORDER if c != "router")  # a dense model: no experts to route
 
 _MARKER = re.compile(r"@@([A-Z_]+)@@")
 

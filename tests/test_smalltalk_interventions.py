@@ -81,7 +81,7 @@ EXPECTED_REQUESTS = [
     ("POST", CHAT, {"messages": _user("Hi"), "max_tokens": 4, "temperature": 0.9, "baseline": True,
                     "interventions": [{"layer_name": "blocks.1.hook_resid_post", "op": "scale", "coefficient": 2}]}),
     ("POST", CHAT, {"messages": _user("Hi"), "max_tokens": 100, "temperature": 0.7, "baseline": True}),
-    ("POST", ACT, {"messages": _user("Hi"), "max_tokens": 2, "temperature": 0,
+    ("POST", ACT, {"activations_encoding": "base64", "messages": _user("Hi"), "max_tokens": 2, "temperature": 0,
                    "activation_hooks": [{"layer_name": "blocks.1.hook_resid_post", "hook_id": "blocks.1.hook_resid_post"}],
                    "interventions": [{"layer_name": "blocks.1.hook_resid_post", "op": "add", "vector_id": VEC,
                                       "coefficient": 3}]}),
@@ -97,7 +97,7 @@ EXPECTED_REQUESTS = [
     ("POST", f"/v1/activations/{CAP}/release", {}),
     ("GET", "/v1/activations/points", None),  # the heads sweep: no head_output point, so it stops
     ("GET", "/v1/activations/points", None),  # the resid_pre sweep over 2 layers: the clean run, no capture
-    ("POST", ACT, {"messages": _user("John gave Mary"), "max_tokens": 1, "temperature": 0,
+    ("POST", ACT, {"activations_encoding": "base64", "messages": _user("John gave Mary"), "max_tokens": 1, "temperature": 0,
                    "activations_transport": "shm", "logprob_token_ids": [11, 12],
                    "activation_hooks": [{"layer_name": f"blocks.{i}.hook_resid_pre", "hook_id": f"blocks.{i}.hook_resid_pre"}
                                         for i in range(2)]}),
@@ -105,12 +105,12 @@ EXPECTED_REQUESTS = [
     ("POST", CHAT, {"prompt": "When Mary and John", "max_tokens": 2, "temperature": 0}),
     ("POST", CHAT, {"prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0,
                     "interventions": [{"layer_name": "blocks.0.hook_resid_post", "op": "zero"}]}),
-    ("POST", ACT, {"prompt": "Hi", "max_tokens": 2, "temperature": 0, "activations_transport": "shm",
+    ("POST", ACT, {"activations_encoding": "base64", "prompt": "Hi", "max_tokens": 2, "temperature": 0, "activations_transport": "shm",
                    "activation_hooks": [{"layer_name": "blocks.1.hook_resid_post", "hook_id": "blocks.1.hook_resid_post"}]}),
     ("POST", CHAT, {"prompt": "When Mary and John", "max_tokens": 1, "temperature": 0, "logprob_token_ids": [11, 12],
                     "interventions": [{"layer_name": "blocks.0.hook_resid_post", "op": "zero"}]}),
     ("GET", "/v1/activations/points", None),
-    ("POST", ACT, {"prompt": "John gave Mary", "max_tokens": 1, "temperature": 0,
+    ("POST", ACT, {"activations_encoding": "base64", "prompt": "John gave Mary", "max_tokens": 1, "temperature": 0,
                    "activations_transport": "shm", "logprob_token_ids": [11, 12],
                    "activation_hooks": [{"layer_name": f"blocks.{i}.hook_resid_pre", "hook_id": f"blocks.{i}.hook_resid_pre"}
                                         for i in range(2)]}),
