@@ -1,4 +1,4 @@
-"""`nsbridge`: serve a model, or fetch the default model."""
+"""`nsbridge`: serve a model, harvest activations to Parquet, or fetch the default model."""
 
 from __future__ import annotations
 
@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="end a generation after S seconds of wall time (finish_reason 'length')")
     serve.add_argument("--log-level", default="info")
     sub.add_parser("fetch-default", help="download and convert the default model into the cache")
+    add_harvest_parser(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "harvest":
+        return harvest_command(args)
 
     if args.command == "fetch-default":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -64,6 +68,62 @@ def main(argv: list[str] | None = None) -> int:
         print(ensure_default_model())
         return 0
     return serve_command(args)
+
+
+def add_harvest_parser(sub) -> None:
+    h = sub.add_parser("harvest", help="capture activations of every token of a corpus into Parquet shards",
+                       description="Run the model over each document (JSONL or Parquet records with 'text' or "
+                                   "'messages') and write one Parquet row per token: doc_id, position, token_id "
+                                   "and one fixed-size-list column per hook, plus DIR/_manifest.json. Rerun the "
+                                   "same command to resume an interrupted job.")
+    h.add_argument("input", type=Path, help="a .jsonl or .parquet file of documents")
+    h.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (new, or the same "
+                   "one to resume)")
+    h.add_argument("--hook", action="append", required=True, metavar="NAME", dest="hooks",
+                   help="a TransformerLens name (blocks.3.hook_resid_post) or layer_name:component "
+                        "(model.layers.3:mlp); repeatable; the column is named as written")
+    h.add_argument("--model", default="default", help="model folder, .gguf file or Hugging Face repo id "
+                   "(default: SmolLM2-135M)")
+    h.add_argument("--model-id", help="the model id recorded in the manifest (default: from the path)")
+    h.add_argument("--context", type=int, metavar="N", help="tokens per document at most (default: 1024 or the "
+                   "model's context length, if smaller); longer documents are an error unless --truncate")
+    h.add_argument("--truncate", action="store_true", help="cut documents longer than --context")
+    h.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    h.add_argument("--shard-rows", type=int, default=65536, metavar="N",
+                   help="rows (tokens) per shard at most; shards hold whole documents (default 65536)")
+    h.add_argument("--max-tokens", type=int, metavar="N", help="stop after N tokens (the last document is cut)")
+    h.add_argument("--shuffle", type=int, metavar="SEED", help="shuffle the rows within each shard")
+
+
+def harvest_command(args) -> int:
+    from engine.errors import EngineError
+    from harvest.inputs import InputError, check_readable
+    from harvest.job import HarvestOptions, run_harvest
+    from harvest.store import StoreError
+
+    def fail(message: str, code: int = 1) -> int:
+        print(f"nsbridge harvest: error: {message}", file=sys.stderr)
+        return code
+
+    if args.shard_rows < 1:
+        return fail("--shard-rows must be at least 1", 2)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        return fail("--max-tokens must be at least 1", 2)
+    try:
+        check_readable(args.input)  # before loading the model
+        lm = engine.load(args.model, args.model_id).lm
+        options = HarvestOptions(hooks=args.hooks, context=args.context, truncate=args.truncate, dtype=args.dtype,
+                                 shard_rows=args.shard_rows, max_tokens=args.max_tokens, shuffle=args.shuffle)
+        manifest = run_harvest(lm, args.input, args.out, options)
+    except (InputError, StoreError, OSError) as exc:  # OSError: e.g. the disk filled up; finished shards stay
+        return fail(str(exc))
+    except EngineError as exc:
+        return fail(exc.message)
+    except KeyboardInterrupt:
+        return fail("interrupted; the finished shards are kept: run the same command again to resume", 130)
+    print(f"{manifest['tokens']} tokens of {manifest['documents']} documents in {len(manifest['shards'])} shards "
+          f"in {args.out}", file=sys.stderr)
+    return 0
 
 
 def serve_command(args) -> int:
