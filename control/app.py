@@ -29,8 +29,8 @@ from control import openai_format
 from control.delivery import Delivery
 from control.errors import HTTPError, InvalidRequest, NotFound, error_body, error_response, from_engine
 from control.openapi import openapi_spec
-from control.schemas import (ActivationChatRequest, ChatRequest, CreateVectorRequest, LoadModelRequest,
-                             RegisterHooksRequest, parse_body)
+from control.schemas import (ActivationChatRequest, AttributionRequest, ChatRequest, CreateVectorRequest,
+                             LoadModelRequest, RegisterHooksRequest, parse_body)
 from control.security import DEFAULT_MAX_BODY_BYTES, SecurityConfig, security_middleware
 from control.service import ModelService, ServiceConfig
 from control.streaming import stream_chat
@@ -195,6 +195,14 @@ class Server:
         except EngineError as exc:
             raise from_engine(exc) from exc
 
+    # --- attribution patching -------------------------------------------------------------
+    async def attribution(self, request: Request) -> Response:
+        """Attribution patching: every site's effect on a metric from one backward pass."""
+        body = parse_body(await request.body(), AttributionRequest)
+        plan = await run_in_threadpool(self.service.prepare_attribution, body)  # tokenizing: off the event loop
+        result = await self.service.run(self.service.run_attribution, plan)
+        return ORJSONResponse({"object": "attribution", "model": plan.lm.info.model_id, **result})
+
     # --- chat -----------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         """OpenAI chat completions (stream with SSE)."""
@@ -293,6 +301,7 @@ def routes(s: Server) -> list[Route]:
         Route("/v1/models/load", s.load_model, methods=["POST"]),
         Route("/v1/chat/completions", s.chat, methods=["POST"]),
         Route("/v1/chat/completions/with_activations", s.chat_with_activations, methods=["POST"]),
+        Route("/v1/attribution", s.attribution, methods=["POST"]),
         Route("/v1/activations/hooks", s.register_hooks, methods=["POST"]),
         Route("/v1/activations/hooks", s.list_hooks, methods=["GET"]),
         Route("/v1/activations/hooks", s.clear_hooks, methods=["DELETE"]),

@@ -12,8 +12,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.routing import Route
 
 from control.delivery import CAPTURE_ID_PATTERN, VECTOR_ID_PATTERN
-from control.schemas import (ActivationChatRequest, ChatRequest, CreateVectorRequest, LoadModelRequest,
-                             RegisterHooksRequest)
+from control.schemas import (ActivationChatRequest, AttributionRequest, ChatRequest, CreateVectorRequest,
+                             LoadModelRequest, RegisterHooksRequest)
 
 # handler name -> its request body
 BODIES = {
@@ -22,6 +22,7 @@ BODIES = {
     "chat_with_activations": ActivationChatRequest,
     "register_hooks": RegisterHooksRequest,
     "create_vector": CreateVectorRequest,
+    "attribution": AttributionRequest,
 }
 # Path parameters: {name:convertor} in a route -> the id's pattern
 _PATH_IDS = {"capture_id": CAPTURE_ID_PATTERN, "vector_id": VECTOR_ID_PATTERN}

@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model
 
 from control.errors import InvalidRequest, MalformedRequest
+from engine.attribution import METHODS, LogitDiffMetric, LogprobMetric
 from engine.params import HookSpec, InterventionSpec, LogprobOptions, SamplingParams, invalid_argument
 from vocabulary import DTYPES, ENCODINGS, INTERVENTION_POSITIONS, POSITIONS, TRANSPORTS
 
@@ -90,6 +91,38 @@ class ActivationChatRequest(ChatRequest):
     activations_encoding: Literal[ENCODINGS] = "json"
     activation_positions: Optional[Literal[POSITIONS]] = None
     activation_dtype: Optional[Literal[DTYPES]] = None
+
+
+class AttributionPrompt(BaseModel):
+    """One run of an attribution: a chat (`messages`, with the model's chat template) or raw `prompt`."""
+
+    model_config = _CLOSED
+    messages: Optional[Annotated[list[Message], Field(min_length=1)]] = None
+    prompt: Optional[Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[int, Field(ge=0)]],
+                                                                          Field(min_length=1)]]] = Field(
+        None, description="raw text (or token ids), without the chat template")
+
+    def engine_value(self) -> dict:
+        if self.messages is not None:
+            return {"messages": [m.model_dump() for m in self.messages], "prompt": self.prompt}
+        return {"prompt": self.prompt}
+
+
+class AttributionRequest(BaseModel):
+    """Attribution patching (docs/attribution.md): every site's effect on a metric, estimated from one
+    backward pass at the corrupted run, optionally checked against real activation patching."""
+
+    model_config = _CLOSED
+    model: Optional[str] = None
+    clean: AttributionPrompt
+    corrupted: AttributionPrompt = Field(description="same token count as `clean`")
+    metric: Annotated[Union[LogitDiffMetric, LogprobMetric], Field(discriminator="type")]
+    sites: Optional[Annotated[list[HookSpec], Field(min_length=1, max_length=1024)]] = Field(
+        None, description="hook specs (layer_name, component); default: every layer's attention, mlp and residual "
+                          "output")
+    method: Literal[METHODS] = Field("atp", description="atp: the gradient estimate ('atp*' is not implemented yet)")
+    verify_top: Optional[Annotated[int, Field(ge=0, le=256)]] = Field(
+        None, description="also patch the K sites and positions with the largest |estimate| for real")
 
 
 class LoadModelRequest(BaseModel):

@@ -182,6 +182,20 @@ class ModelService:
         baseline = replace(plan, interventions=(), targets=None, capture_bytes=0) if body.baseline else None
         return ChatJob(plan, baseline)
 
+    def prepare_attribution(self, body: Any):
+        """Plan a validated attribution body (tokenize both runs, resolve the sites). No MLX work."""
+        model = self.require_model()
+        try:
+            return model.plan_attribution(clean=body.clean.engine_value(), corrupted=body.corrupted.engine_value(),
+                                          metric=body.metric, sites=body.sites, method=body.method,
+                                          verify_top=body.verify_top)
+        except EngineError as exc:
+            raise from_engine(exc) from exc
+
+    def run_attribution(self, plan: Any) -> dict:
+        """Run a planned attribution on the worker thread (engine.attribution.run_attribution)."""
+        return self.require_model().run_attribution(plan)
+
     def run_chat(self, job: ChatJob, on_event: Callable[[Any], None] | None = None):
         """Generate on the worker thread; the engine's Completion, or None when the job was cancelled
         (client gone) or ran past the server's time limit before finishing. A baseline runs

@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from engine.attribution import AttributionPlan, plan_attribution, run_attribution
 from engine.errors import InvalidArgument
 from engine.generate import Completion, TokenEvent, generate
 from engine.hooks import hook_points, resolve_hook
@@ -119,6 +120,29 @@ class Model:
         """Every tensor this model can capture: TransformerLens name, aliases, module path,
         layer, component, direction and shape per token (engine.hooks.hook_points)."""
         return hook_points(self.lm)
+
+    # --- attribution patching -------------------------------------------------------------
+    def plan_attribution(self, *, clean: dict, corrupted: dict, metric: Any,
+                         sites: Iterable[HookSpec | dict] | None = None, method: str = "atp",
+                         verify_top: int | None = None) -> AttributionPlan:
+        """Check and tokenize an attribution request (engine.attribution.plan_attribution); no MLX work."""
+        return plan_attribution(self.lm, clean=clean, corrupted=corrupted, metric=metric, sites=sites, method=method,
+                                verify_top=verify_top)
+
+    def run_attribution(self, plan: AttributionPlan) -> dict:
+        """Run a planned attribution (the MLX thread): clean/corrupted metrics, estimates, verified patches."""
+        if plan.lm is not self.lm:
+            raise InvalidArgument("this plan was made for another model; plan it again on this one", "plan")
+        return run_attribution(plan)
+
+    def attribute(self, *, clean: dict, corrupted: dict, metric: Any, sites: Iterable[HookSpec | dict] | None = None,
+                  method: str = "atp", verify_top: int | None = None) -> dict:
+        """Attribution patching (docs/attribution.md): `clean`/`corrupted` are {"messages": [...]} or
+        {"prompt": text or token ids} of equal token counts; `metric` {"type": "logit_diff", "token_ids":
+        [a, b]} or {"type": "logprob", "token_id": a}; `sites` hook specs (default: every layer's
+        attention, mlp and residual output). -> {clean_metric, corrupted_metric, attributions, verified?}."""
+        return self.run_attribution(self.plan_attribution(clean=clean, corrupted=corrupted, metric=metric, sites=sites,
+                                                          method=method, verify_top=verify_top))
 
     # --- generation -------------------------------------------------------------------------
     def plan(self, *, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
