@@ -173,7 +173,7 @@ def describe(model: Any, arch: Architecture, model_id: str, source: str) -> Mode
         n_layers=len(blocks),
         d_model=d_model,
         n_heads=n_heads,
-        n_kv_heads=int(model_arg(args, "n_kv_heads", n_heads)),
+        n_kv_heads=int(_attn_count(attn) or model_arg(args, "n_kv_heads", n_heads)),
         d_head=int(getattr(attn, "head_dim", None) or model_arg(args, "head_dim", d_model // n_heads)),
         d_mlp=linear_in_features(mlp_out) if mlp_out is not None else 0,
         vocab_size=int(embed.weight.shape[0]),
@@ -183,6 +183,12 @@ def describe(model: Any, arch: Architecture, model_id: str, source: str) -> Mode
         source=source,
         n_experts=int(router.weight.shape[0]) if router is not None else 0,
     )
+
+
+def _attn_count(attn: Any) -> int | None:
+    """The attention module's own key/value head count: some configs nest it (dbrx's attn_config)."""
+    return next((v for n in ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
+                 if (v := getattr(attn, n, None)) is not None), None)
 
 
 def quantization(model: Any) -> dict | None:
