@@ -68,7 +68,7 @@ async def stream_chat(service: ModelService, delivery: Delivery, job: ChatJob, c
 
     task = asyncio.create_task(produce())
     final_chunk = None  # with a capture, the last chunk waits for the capture to be complete
-    unsent = None  # (shm write, capture id) until the stream has been sent to its end
+    unsent = None  # (shm write, capture id) until the chunk with its handle has been sent
     try:
         yield sse(chunk({"role": "assistant", "content": ""}))
         while True:
@@ -105,21 +105,22 @@ async def stream_chat(service: ModelService, delivery: Delivery, job: ChatJob, c
                         yield sse(to_dict(exc))
                         yield DONE
                         return
+                    # A client that left during the write: Starlette's disconnect listener cancels
+                    # this stream (finally releases the capture), but under load it may not have run
+                    # yet; a moment for it before the handle goes out to nobody.
+                    await asyncio.sleep(0.02)
                     if await request.is_disconnected():
                         return  # a send now would be dropped silently; finally releases the capture
                     final_chunk["capture"] = {"capture_id": capture.capture_id, "handle": handle}
                     final_chunk["activations"] = shm_entries(capture, handle)
                 yield sse(final_chunk)
+                unsent = None
             extra = openai_format.intervention_fields(result, job.baseline_result, job.plan.sampling.seed, tokenizer)
             if extra:  # after the last token's chunk, like the usage chunk: no choices, the reports
                 yield sse({**chunk({}), "choices": [], **extra})
             if include_usage:
                 yield sse(openai_format.usage_chunk(completion_id, model_id, created, result))
             yield DONE
-            # Only a client that read to the end surely has the handle: one that leaves before
-            # [DONE] (its disconnect may be noticed only after the handle's chunk went out) gets
-            # its capture released, as one that leaves during the write does.
-            unsent = None
             return
     finally:
         # Client gone (or stream done): stop the worker at its next token; its capture is dropped.
