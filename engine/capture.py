@@ -43,6 +43,11 @@ _tapped_classes: dict[type, type] = {}
 _INPUT_SITES = ("mlp_post",)
 
 
+def _takes_input(t: HookTarget | Intervention) -> bool:
+    """Whether a target's tensor is what its module receives (an input, or an input site)."""
+    return t.is_input or t.site in _INPUT_SITES
+
+
 def _tapped_class(cls: type) -> type:
     """A subclass of `cls` whose __call__ reports (module, input, output) to the active capture."""
     sub = _tapped_classes.get(cls)
@@ -100,6 +105,7 @@ class Capture:
         self.options = options
         self.interventions = list(interventions)
         self.touched: list[list[int]] = [[] for _ in self.interventions]
+        self._slot = {id(iv): i for i, iv in enumerate(self.interventions)}  # intervention -> its `touched` row
         self.records: list[HookRecord] = [
             HookRecord(
                 hook_id=t.hook_id, layer_name=t.layer_name, module_path=module_path(lm, t), layer_index=t.layer,
@@ -194,9 +200,9 @@ class Capture:
 
     def _intervene(self, edits: list[Intervention], x: mx.array, on_input: bool) -> mx.array:
         for iv in edits:
-            if (iv.is_input or iv.site in _INPUT_SITES) == on_input:
+            if _takes_input(iv) == on_input:
                 x, n = iv.apply(x, self._start)
-                self.touched[self.interventions.index(iv)][-1] += n
+                self.touched[self._slot[id(iv)]][-1] += n
         return x
 
     def _on_module(self, module, cls: type, x, args, kwargs, x_name: str | None = None):
@@ -222,7 +228,7 @@ class Capture:
             out = (y, *rest) if rest is not None else y
         if self._recording:
             for t, rec in self._taps.get(id(module), ()):
-                kept = x if t.is_input or t.site in _INPUT_SITES else y
+                kept = x if _takes_input(t) else y
                 self._keep(rec, kept if t.site == "router" and kept.ndim == 2 else kept[0], 0)
         return out
 
