@@ -111,6 +111,9 @@ class ShardStore:
             if stray:
                 raise StoreError(f"{out} is not empty and holds no harvest in progress ({', '.join(sorted(stray)[:5])}"
                                  f"{', ...' if len(stray) > 5 else ''}); give a new or empty --out directory")
+            # The job's identity is on disk before its first shard, so a job stopped between that
+            # shard's rename and its listing is still recognised (and the shard redone).
+            write_json_atomic(progress_path, {"format": FORMAT, "job": self.job, "shards": []})
         listed = {s["file"] for s in self.state.shards}
         for p in out.iterdir():  # half-written files, and shards written but never listed
             if p.name.startswith(TMP_PREFIX) or (p.name.startswith("shard-") and p.name not in listed):

@@ -299,3 +299,17 @@ def test_cli_killed_and_interrupted_resumes_row_for_row(tiny_llama_path, tmp_pat
     assert read_dir(out).equals(read_dir(whole))
     assert [s["sha256"] for s in json.loads((out / MANIFEST).read_text())["shards"]] == \
         [s["sha256"] for s in json.loads((whole / MANIFEST).read_text())["shards"]]
+
+
+def test_stopped_before_its_first_shard_was_listed_resumes(tmp_path):
+    """Stopped between the first shard's rename and its listing: the directory is still this job's,
+    and the unlisted shard is dropped to be redone."""
+    from harvest.store import ShardStore
+
+    job = {"model": "m", "hooks": ["blocks.0.hook_resid_post"]}
+    ShardStore(tmp_path, job).open()
+    (tmp_path / "shard-00000.parquet").write_bytes(b"written, never listed")
+    state = ShardStore(tmp_path, job).open()
+    assert state.shards == [] and not (tmp_path / "shard-00000.parquet").exists()
+    with pytest.raises(Exception, match="another|different|job"):
+        ShardStore(tmp_path, {**job, "model": "other"}).open()
