@@ -88,11 +88,11 @@ def attention_scores(queries: mx.array, keys: mx.array, scale: float, mask) -> m
 
 
 def attention_pattern(scores: mx.array, sinks: mx.array | None = None) -> mx.array:
-    """Softmax of [H, T_q, T_k] scores. Attention sinks (gpt-oss: one learned logit per head)
+    """Softmax of [..., H, T_q, T_k] scores. Attention sinks (gpt-oss: one learned logit per head)
     take part in the softmax and are then dropped, so a row may sum to less than one."""
     if sinks is None:
         return mx.softmax(scores, axis=-1, precise=True)
-    sink = mx.broadcast_to(sinks.astype(scores.dtype)[:, None, None], (*scores.shape[:2], 1))
+    sink = mx.broadcast_to(sinks.astype(scores.dtype)[:, None, None], (*scores.shape[:-1], 1))
     return mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1, precise=True)[..., :-1]
 
 
@@ -101,8 +101,11 @@ class Capture:
     StepTensor per step. `touched[i]`: positions intervention i changed at each step."""
 
     def __init__(self, lm: LoadedModel, targets: list[HookTarget], options: CaptureOptions = CaptureOptions(),
-                 interventions: list[Intervention] = ()):
+                 interventions: list[Intervention] = (), keep_batch: bool = False):
         self.options = options
+        # keep_batch: records keep the forward's batch axis ([B, ...]; a harvest of right-padded
+        # documents slices its rows); otherwise row 0, the one request.
+        self._keep_batch = keep_batch
         self.interventions = list(interventions)
         self.touched: list[list[int]] = [[] for _ in self.interventions]
         self._slot = {id(iv): i for i, iv in enumerate(self.interventions)}  # intervention -> its `touched` row
@@ -188,10 +191,15 @@ class Capture:
 
     # --- recording ---------------------------------------------------------------------------
     def _keep(self, rec: HookRecord, array: mx.array, token_axis: int) -> None:
+        """Record `array` (batch axis first; `token_axis` counted without it)."""
+        if self._keep_batch:
+            token_axis += 1
+        else:
+            array = array[0]
         n = array.shape[token_axis]
         start = self._start
         if self.options.positions == "last" and n > 1:
-            array = array[-1:] if token_axis == 0 else array[:, -1:]
+            array = array[(slice(None),) * token_axis + (slice(-1, None),)]
             start += n - 1
         if array.dtype != self._dtype:
             array = array.astype(self._dtype)
@@ -229,7 +237,7 @@ class Capture:
         if self._recording:
             for t, rec in self._taps.get(id(module), ()):
                 kept = x if _takes_input(t) else y
-                self._keep(rec, kept if t.site == "router" and kept.ndim == 2 else kept[0], 0)
+                self._keep(rec, kept[None] if t.site == "router" and kept.ndim == 2 else kept, 0)
         return out
 
     def _seam(self, original):
@@ -247,14 +255,14 @@ class Capture:
             scores = None
             for t, rec in self._sdpa_taps[layer]:
                 if t.component == "head_output":
-                    self._keep(rec, out[0], 1)
+                    self._keep(rec, out, 1)
                 elif t.component == "query":
-                    self._keep(rec, queries[0], 1)
+                    self._keep(rec, queries, 1)
                 elif t.component in ("key", "value"):  # this step's tokens; earlier ones are in earlier steps
-                    self._keep(rec, (keys if t.component == "key" else values)[0, :, -t_q:, :], 1)
+                    self._keep(rec, (keys if t.component == "key" else values)[:, :, -t_q:, :], 1)
                 else:
                     if scores is None:
-                        scores = attention_scores(queries, keys, scale, mask)[0]
+                        scores = attention_scores(queries, keys, scale, mask)
                     if t.component == "attention_scores":
                         self._keep(rec, scores, 1)
                     else:
