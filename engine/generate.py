@@ -26,7 +26,7 @@ import engine  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from engine.capture import Capture
 from engine.model import LoadedModel
@@ -135,30 +135,52 @@ class StepLogprobs:
         return TokenLogprob(token, arrays["logprob"].item(), top, targets)
 
 
+class Sampler:
+    """A request's sampler: mlx-lm's filters, then a draw. A seeded request draws from its own
+    random stream, so it samples the same tokens alone or beside other requests in a batch."""
+
+    def __init__(self, sampling: SamplingParams, vocab_size: int):
+        self._temp = sampling.temperature
+        self._filters = []
+        if 0 < sampling.top_p < 1.0:
+            self._filters.append(functools.partial(apply_top_p, top_p=sampling.top_p))
+        if 0 < sampling.top_k < vocab_size:  # the whole vocabulary keeps every token: off
+            self._filters.append(functools.partial(apply_top_k, top_k=sampling.top_k))
+        self._key = None if sampling.seed is None else mx.random.key(sampling.seed)
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if self._temp == 0:
+            return mx.argmax(logprobs, axis=-1)
+        for keep in self._filters:
+            logprobs = keep(logprobs)
+        key = None
+        if self._key is not None:
+            self._key, key = mx.random.split(self._key)
+        return mx.random.categorical(logprobs * (1 / self._temp), key=key)
+
+
 class Forward:
     """The model, one forward step at a time, with a KV cache and the plan's sampler.
 
-    With `logprobs` that ask for any, `logprob` is the last sampled token's TokenLogprob."""
+    With `logprobs` that ask for any, `logprob` is the last sampled token's TokenLogprob. A
+    batch (engine/batch.py) runs the model itself and uses `draw` and `advance` per row."""
 
     def __init__(self, lm: LoadedModel, sampling: SamplingParams, capture: Capture | None = None,
                  logprobs: LogprobOptions | None = None):
         self._model = lm.model
-        self._cache = make_prompt_cache(lm.model)
+        self.cache = make_prompt_cache(lm.model)
         if capture is not None:
             # A rotating cache (sliding-window layers) keeps only the window's keys, in ring order; the
             # capture's key axis and key/value interventions need every key at its position. A full
             # cache with the window in the mask computes the same attention.
-            self._cache = [KVCache() if isinstance(c, RotatingKVCache) else c for c in self._cache]
-        # top_k = the whole vocabulary keeps every token: off (mlx-lm's sampler takes fewer only).
-        top_k = 0 if sampling.top_k >= lm.info.vocab_size else sampling.top_k
-        self._sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
+            self.cache = [KVCache() if isinstance(c, RotatingKVCache) else c for c in self.cache]
+        self._sampler = Sampler(sampling, lm.info.vocab_size)
         self._capture = capture
         self._logprobs = StepLogprobs(logprobs) if logprobs is not None and logprobs.wanted else None
+        self._reported: dict[str, mx.array] | None = None
         self.logprob: TokenLogprob | None = None
         self.step = 0  # index of the next step
         self.position = 0  # position of the next step's first token
-        if sampling.seed is not None:
-            mx.random.seed(sampling.seed)
 
     def __call__(self, tokens: list[int], sample: bool = True) -> int | None:
         """Run `tokens` through the model; return the sampled next token (None: `sample=False`,
@@ -166,24 +188,31 @@ class Forward:
         capture = self._capture
         if capture is not None:
             capture.begin_step(self.step, self.position)
-        out = self._model(mx.array(tokens)[None], cache=self._cache)  # lazy: evaluated below, as needed
+        out = self._model(mx.array(tokens)[None], cache=self.cache)  # lazy: evaluated below, as needed
         pending = capture.end_step() if capture is not None else []
-        token = reported = None
-        if sample:
-            logits = out[:, -1, :]
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            token = self._sampler(logprobs)
-            pending.append(token)
-            if self._logprobs is not None:
-                reported = self._logprobs.arrays(logits, logprobs, token)
-                pending.extend(reported.values())
+        token = self.draw(out[:, -1, :], pending) if sample else None
         mx.eval(*pending)
+        return self.advance(len(tokens), token)
+
+    def draw(self, logits: mx.array, pending: list[mx.array]) -> mx.array:
+        """The next token from `logits` [1, vocab], lazy; it and the log-probabilities to report
+        are appended to `pending`, for the caller to evaluate with the step."""
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = self._sampler(logprobs)
+        pending.append(token)
+        if self._logprobs is not None:
+            self._reported = self._logprobs.arrays(logits, logprobs, token)
+            pending.extend(self._reported.values())
+        return token
+
+    def advance(self, n_tokens: int, token: mx.array | None) -> int | None:
+        """After the step's evaluation: count the step, and read the drawn token (if any)."""
         self.step += 1
-        self.position += len(tokens)
+        self.position += n_tokens
         if token is None:
             return None
         token = int(token.item())
-        self.logprob = self._logprobs.read(token, reported) if reported is not None else None
+        self.logprob = self._logprobs.read(token, self._reported) if self._reported is not None else None
         return token
 
 
@@ -242,6 +271,78 @@ def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
     return [texts[t] for t in token_ids]
 
 
+class Generation:
+    """One request's generated tokens, as the model produces them: finish reasons (end of
+    sequence, stop string, max_tokens, deadline), one TokenEvent per token and, at the end, the
+    Completion. The same bookkeeping serves a request run alone (`generate`) and a row of a
+    batch (engine/batch.py); the caller runs the model.
+
+    With hooks, `capture` is installed around every forward step of the request; after the
+    last token, one more step over it (no sampling) gives it its own activations."""
+
+    def __init__(self, plan: GenerationPlan, deadline: float | None = None):
+        self.plan = plan
+        self.deadline = deadline
+        targets = list(plan.targets or ())
+        # One Capture installs both the hooks and the interventions; `recorded` is it when it records.
+        self.capture = Capture(plan.lm, targets, plan.capture, plan.interventions) \
+            if targets or plan.interventions else None
+        self.recorded = self.capture if targets else None
+        self.forward = Forward(plan.lm, plan.sampling, self.capture, plan.logprobs)
+        self.prompt = list(plan.prompt)
+        self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if plan.logprobs.wanted else None
+        self.finish: str | None = None
+        self._eos = set(plan.lm.tokenizer.eos_token_ids)
+        self._text = VisibleText(plan.lm.detokenizer(), plan.sampling.stops)
+        self._delta = ""
+
+    @property
+    def needs_final_step(self) -> bool:
+        """Finished, and the last token's own activations are still to be computed."""
+        return self.finish is not None and self.recorded is not None
+
+    def accept(self, token: int) -> TokenEvent | None:
+        """Take a sampled token (with `forward.logprob`); its TokenEvent, or None when it
+        finished the generation (`finish` is set; `final_event` reports the last token)."""
+        index = len(self.generated)
+        self.generated.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(self.forward.logprob)
+        text = self._text
+        if token in self._eos:  # not part of the text
+            self._delta, self.finish = text.finish(), "stop"
+        else:
+            self._delta = text.add(token)
+            finish = "stop" if text.stopped else None
+            out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
+            if finish is None and (len(self.generated) >= self.plan.sampling.max_tokens or out_of_time):
+                self._delta += text.finish()
+                finish = "stop" if text.stopped else "length"
+            self.finish = finish
+        if self.finish is not None:
+            return None
+        return TokenEvent(index, token, self._delta, index, len(self.prompt), capture=self.recorded,
+                          logprob=self.forward.logprob)
+
+    def final_event(self) -> TokenEvent:
+        """The last token's event, carrying the Completion."""
+        plan, capture, recorded, lm = self.plan, self.capture, self.recorded, self.plan.lm
+        token_ids = self.prompt + self.generated
+        tokens = token_texts(lm.tokenizer, token_ids)
+        result = Completion(
+            text=self._text.text, token_ids=token_ids, tokens=tokens, prompt_tokens=len(self.prompt),
+            finish_reason=self.finish, model_id=lm.info.model_id, logprobs=self.logprobs,
+            interventions=[iv.report(n) for iv, n in zip(plan.interventions, capture.touched)] if capture else [],
+            capture=None if recorded is None else CaptureResult(
+                capture_id="cap_" + secrets.token_hex(8), model_id=lm.info.model_id, token_ids=token_ids,
+                tokens=tokens, prompt_tokens=len(self.prompt), hooks=recorded.records),
+        )
+        index = len(self.generated) - 1
+        return TokenEvent(index, self.generated[-1], self._delta, index, len(self.prompt), self.finish, recorded,
+                          result, self.forward.logprob)
+
+
 def generate(plan: GenerationPlan, deadline: float | None = None) -> Iterator[TokenEvent]:
     """Yield the plan's generated tokens one by one; the last event carries the Completion.
     Past `deadline` (time.monotonic()) generation ends as if max_tokens were reached ("length").
@@ -250,49 +351,14 @@ def generate(plan: GenerationPlan, deadline: float | None = None) -> Iterator[To
     when it ends, fails or is closed (closing it early is how a caller cancels). Every forward
     step is recorded, including one last step over the final token so that every position has
     activations."""
-    lm, sampling = plan.lm, plan.sampling
-    prompt = list(plan.prompt)
-    # One Capture installs both the hooks and the interventions; `recorded` is it when it records.
-    targets = list(plan.targets or ())
-    capture = Capture(lm, targets, plan.capture, plan.interventions) if targets or plan.interventions else None
-    recorded = capture if targets else None
-    eos = set(lm.tokenizer.eos_token_ids)
-    text = VisibleText(lm.detokenizer(), sampling.stops)
-    generated: list[int] = []
-    logprobs: list[TokenLogprob] | None = [] if plan.logprobs.wanted else None
-    with capture.installed(lm) if capture is not None else nullcontext():
-        forward = Forward(lm, sampling, capture, plan.logprobs)
-        token = forward(prompt)
-        while True:
-            index = len(generated)
-            generated.append(token)
-            logprob = forward.logprob
-            if logprobs is not None:
-                logprobs.append(logprob)
-            if token in eos:  # not part of the text
-                delta, finish = text.finish(), "stop"
-            else:
-                delta = text.add(token)
-                finish = "stop" if text.stopped else None
-                out_of_time = deadline is not None and time.monotonic() >= deadline
-                if finish is None and (len(generated) >= sampling.max_tokens or out_of_time):
-                    delta += text.finish()
-                    finish = "stop" if text.stopped else "length"
-            if finish is not None:
-                break
-            yield TokenEvent(index, token, delta, index, len(prompt), capture=recorded, logprob=logprob)
+    gen = Generation(plan, deadline)
+    capture, forward = gen.capture, gen.forward
+    with capture.installed(plan.lm) if capture is not None else nullcontext():
+        token = forward(gen.prompt)
+        while (event := gen.accept(token)) is not None:
+            yield event
             token = forward([token])
-        if recorded is not None:
+        if gen.needs_final_step:
             forward([token], sample=False)  # the final token's own activations
     # Uninstalled before the last event: a caller that stops reading here leaves nothing behind.
-    token_ids = prompt + generated
-    tokens = token_texts(lm.tokenizer, token_ids)
-    result = Completion(
-        text=text.text, token_ids=token_ids, tokens=tokens, prompt_tokens=len(prompt), finish_reason=finish,
-        model_id=lm.info.model_id, logprobs=logprobs,
-        interventions=[iv.report(n) for iv, n in zip(plan.interventions, capture.touched)] if capture else [],
-        capture=None if recorded is None else CaptureResult(
-            capture_id="cap_" + secrets.token_hex(8), model_id=lm.info.model_id, token_ids=token_ids, tokens=tokens,
-            prompt_tokens=len(prompt), hooks=capture.records),
-    )
-    yield TokenEvent(index, token, delta, index, len(prompt), finish, recorded, result, logprob)
+    yield gen.final_event()
