@@ -25,15 +25,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
-from control import openai_format
+from control import openai_format, viz
 from control.delivery import Delivery
 from control.errors import HTTPError, InvalidRequest, NotFound, error_body, error_response, from_engine
+from control.harvest import Harvests, harvest_root
 from control.openapi import openapi_spec
 from control.schemas import (ActivationChatRequest, AttributionRequest, ChatRequest, CreateVectorRequest,
                              LoadModelRequest, RegisterHooksRequest, parse_body)
 from control.security import DEFAULT_MAX_BODY_BYTES, SecurityConfig, security_middleware
 from control.service import ModelService, ServiceConfig
 from control.streaming import stream_chat
+from engine.attribution import ARROW_STREAM, attribution_arrow
 from engine.blas import BLAS_IN_USE
 from engine.errors import EngineError
 from shm import ShmRegistry
@@ -52,6 +54,7 @@ class AppConfig:
     shm_ttl_s: float = 600.0
     shm_budget_bytes: int | None = None  # None: derived from /dev/shm free space
     state_dir: str | None = None
+    harvest_dir: str | None = None  # where harvest jobs write (None: $NSBRIDGE_HOME/harvest)
 
 
 class ORJSONResponse(JSONResponse):
@@ -64,6 +67,7 @@ class Server:
 
     def __init__(self, config: AppConfig, service: ModelService, delivery: Delivery):
         self.config, self.service, self.delivery = config, service, delivery
+        self.harvests = Harvests(service, harvest_root(config.harvest_dir))
 
     # --- models ---------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -133,10 +137,11 @@ class Server:
         return JSONResponse(self.delivery.status())
 
     async def get_capture(self, request: Request) -> Response:
-        """A capture's Arrow IPC stream."""
+        """A capture's Arrow IPC stream (query `hooks=a,b`: only those columns; `heads=0,3`: only those heads)."""
         capture_id = request.path_params["capture_id"]
         data = self.delivery.read(capture_id)
-        return Response(bytes(data), media_type="application/vnd.apache.arrow.stream",
+        body = await viz.get_capture_columns(request, data)  # ?hooks=a,b&heads=0,3: only those columns
+        return Response(body, media_type="application/vnd.apache.arrow.stream",
                         headers={"Content-Disposition": f'attachment; filename="{capture_id}.arrows"'})
 
     async def release_capture(self, request: Request) -> Response:
@@ -201,7 +206,10 @@ class Server:
         body = parse_body(await request.body(), AttributionRequest)
         plan = await run_in_threadpool(self.service.prepare_attribution, body)  # tokenizing: off the event loop
         result = await self.service.run(self.service.run_attribution, plan)
-        return ORJSONResponse({"object": "attribution", "model": plan.lm.info.model_id, **result})
+        result = {"object": "attribution", "model": plan.lm.info.model_id, **result}
+        if ARROW_STREAM in request.headers.get("accept", ""):  # large answers: one Arrow IPC stream
+            return Response(await run_in_threadpool(attribution_arrow, result), media_type=ARROW_STREAM)
+        return ORJSONResponse(result)
 
     # --- chat -----------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -246,7 +254,7 @@ class Server:
 
     async def _run_while_connected(self, job, request: Request):
         """Run a non-streamed job; a client that goes away cancels it at the next token."""
-        run = asyncio.ensure_future(self.service.run(self.service.run_chat, job))
+        run = asyncio.ensure_future(self.service.chat(job))
         while not run.done():
             await asyncio.wait([run], timeout=0.25)
             if not run.done() and await request.is_disconnected():
@@ -311,11 +319,19 @@ def routes(s: Server) -> list[Route]:
         Route("/v1/activations/{capture_id:capture_id}", s.get_capture, methods=["GET"]),
         Route("/v1/activations/{capture_id:capture_id}", s.release_capture, methods=["DELETE"]),
         Route("/v1/activations/{capture_id:capture_id}/release", s.release_capture, methods=["POST"]),
+        Route("/v1/activations/{capture_id:capture_id}/logit_lens", viz.logit_lens, methods=["POST"]),
         Route("/v1/vectors", s.create_vector, methods=["POST"]),
         Route("/v1/vectors", s.list_vectors, methods=["GET"]),
         Route("/v1/vectors/{vector_id:vector_id}", s.get_vector, methods=["GET"]),
         Route("/v1/vectors/{vector_id:vector_id}", s.delete_vector, methods=["DELETE"]),
         Route("/v1/vectors/{vector_id:vector_id}/delete", s.delete_vector, methods=["POST"]),
+        Route("/v1/harvest", s.harvests.harvest, methods=["POST"]),
+        Route("/v1/harvest", s.harvests.list_harvests, methods=["GET"]),
+        Route("/v1/harvest/{job_id}", s.harvests.harvest_status, methods=["GET"]),
+        Route("/v1/harvest/{job_id}", s.harvests.cancel_harvest, methods=["DELETE"]),
+        Route("/v1/harvest/{job_id}/cancel", s.harvests.cancel_harvest, methods=["POST"]),
+        Route("/viz", viz.page, methods=["GET"], include_in_schema=False),
+        Route("/viz/{name}", viz.asset, methods=["GET"], include_in_schema=False),
     ]
     return table
 

@@ -44,11 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--allow-model-dir", action="append", default=[], type=Path,
                        help="directory clients may load models from without an API key (repeatable)")
     serve.add_argument("--state-dir", help="where the shared-memory registry lives (default: cache dir)")
+    serve.add_argument("--harvest-dir", help="where POST /v1/harvest jobs write (default: $NSBRIDGE_HOME/harvest, "
+                       "i.e. ~/.cache/nsbridge/harvest)")
     serve.add_argument("--shm-budget", type=_size, help="total bytes of live captures in /dev/shm (e.g. 2G)")
     serve.add_argument("--shm-ttl", type=float, default=600.0, help="seconds a capture lives unless released")
     serve.add_argument("--capture-budget", type=_size, default=2 << 30,
                        help="largest capture one request may ask for (default 2G)")
-    serve.add_argument("--queue-size", type=int, default=16, help="requests waiting before 503 (default 16)")
+    serve.add_argument("--queue-size", type=int, default=64,
+                       help="requests in flight (decoding or waiting) before 503 (default 64)")
+    serve.add_argument("--max-batch-size", type=int, default=16,
+                       help="requests decoding together in one batch (default 16; 1 = one at a time)")
     serve.add_argument("--max-tokens-per-request", type=int, metavar="N",
                        help="refuse requests whose max_tokens is over N (400); default: the context decides")
     serve.add_argument("--max-seconds-per-request", type=float, metavar="S",
@@ -92,7 +97,12 @@ def add_harvest_parser(sub) -> None:
     h.add_argument("--shard-rows", type=int, default=65536, metavar="N",
                    help="rows (tokens) per shard at most; shards hold whole documents (default 65536)")
     h.add_argument("--max-tokens", type=int, metavar="N", help="stop after N tokens (the last document is cut)")
-    h.add_argument("--shuffle", type=int, metavar="SEED", help="shuffle the rows within each shard")
+    h.add_argument("--shuffle", type=int, metavar="SEED", help="permute the rows across all shards (for SAE "
+                   "training); needs the output's size again in temporary space in DIR while it runs")
+    h.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="documents of similar length per forward at most (default 16)")
+    h.add_argument("--batch-tokens", type=int, default=4096, metavar="N",
+                   help="padded tokens (documents x the longest) per forward at most (default 4096)")
 
 
 def harvest_command(args) -> int:
@@ -109,11 +119,14 @@ def harvest_command(args) -> int:
         return fail("--shard-rows must be at least 1", 2)
     if args.max_tokens is not None and args.max_tokens < 1:
         return fail("--max-tokens must be at least 1", 2)
+    if args.batch_size < 1 or args.batch_tokens < 1:
+        return fail("--batch-size and --batch-tokens must be at least 1", 2)
     try:
         check_readable(args.input)  # before loading the model
         lm = engine.load(args.model, args.model_id).lm
         options = HarvestOptions(hooks=args.hooks, context=args.context, truncate=args.truncate, dtype=args.dtype,
-                                 shard_rows=args.shard_rows, max_tokens=args.max_tokens, shuffle=args.shuffle)
+                                 shard_rows=args.shard_rows, max_tokens=args.max_tokens, shuffle=args.shuffle,
+                                 batch_size=args.batch_size, batch_tokens=args.batch_tokens)
         manifest = run_harvest(lm, args.input, args.out, options)
     except (InputError, StoreError, OSError) as exc:  # OSError: e.g. the disk filled up; finished shards stay
         return fail(str(exc))
@@ -140,11 +153,12 @@ def serve_command(args) -> int:
     config = AppConfig(
         service=ServiceConfig(allowed_model_dirs=args.allow_model_dir, allow_any_model=bool(args.api_key),
                               capture_budget_bytes=args.capture_budget, queue_size=args.queue_size,
+                              max_batch_size=args.max_batch_size,
                               max_tokens_per_request=args.max_tokens_per_request,
                               max_seconds_per_request=args.max_seconds_per_request),
         api_key=args.api_key, cors_origins=args.cors_origin, allowed_hosts=args.allowed_host,
         bound_host=args.host, max_body_bytes=args.max_body_size, shm_ttl_s=args.shm_ttl,
-        shm_budget_bytes=args.shm_budget, state_dir=args.state_dir,
+        shm_budget_bytes=args.shm_budget, state_dir=args.state_dir, harvest_dir=args.harvest_dir,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)

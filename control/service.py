@@ -1,9 +1,14 @@
-"""The model behind the server: one loaded model, one generation at a time, requests in order.
+"""The model behind the server: one loaded model, chat requests decoding together in a batch.
 
-Everything that touches MLX runs on a single worker thread, off the event loop. Requests wait
-in a bounded queue; a full queue is refused with `Busy` (503) rather than growing without end.
-Planning a request (validation, chat template, tokenizing, hook resolution) touches no MLX
-array and runs in Starlette's thread pool, so a huge prompt never blocks the event loop.
+Everything that touches MLX runs on a single worker thread, off the event loop. Its loop:
+take what arrived; run exclusive work (loading a model, attribution, a harvest batch) between
+decode steps; admit waiting chat requests into the running batch (engine/batch.py) while the
+batch has room (`max_batch_size`, and the capture budget counted across the batch); run one
+decode step for every request in it. A model whose cache cannot be batched runs each request
+alone, in order. Requests in flight are bounded: past `queue_size`, `Busy` (503) rather than
+a queue growing without end. Planning a request (validation, chat template, tokenizing, hook
+resolution) touches no MLX array and runs in Starlette's thread pool, so a huge prompt never
+blocks the event loop.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import logging
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +27,7 @@ from typing import Any, Callable
 import engine
 from control.errors import Busy, InvalidRequest, ModelPathForbidden, NoModelLoaded, from_engine
 from control.schemas import logprob_values, sampling_values
+from engine.batch import Batch, batchable
 from engine.default_model import MODEL_ID as DEFAULT_MODEL_ID
 from engine.default_model import default_model_dir, ensure_default_model
 from engine.errors import EngineError
@@ -39,15 +46,17 @@ CHAT_FIELDS = {"hooks": "activation_hooks", "positions": "activation_positions",
 class ServiceConfig:
     allowed_model_dirs: list[Path] = field(default_factory=list)
     allow_any_model: bool = False  # set when clients must present an API key
-    capture_budget_bytes: int = 2 << 30  # largest capture one request may ask for
-    queue_size: int = 16
+    capture_budget_bytes: int = 2 << 30  # largest capture one request may ask for, and all of a batch's together
+    queue_size: int = 64  # requests in flight (decoding or waiting) before 503
+    max_batch_size: int = 16  # requests decoding together
     max_tokens_per_request: int | None = None  # server-wide cap on max_tokens
     max_seconds_per_request: float | None = None  # server-wide cap on a generation's wall time
 
     def limits(self) -> dict:
         return {"max_tokens_per_request": self.max_tokens_per_request,
                 "max_seconds_per_request": self.max_seconds_per_request,
-                "capture_budget_bytes": self.capture_budget_bytes, "queue_size": self.queue_size}
+                "capture_budget_bytes": self.capture_budget_bytes, "queue_size": self.queue_size,
+                "max_batch_size": self.max_batch_size}
 
 
 @dataclass
@@ -60,22 +69,68 @@ class ChatJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Call:
+    """Exclusive work for the MLX thread, run between decode steps."""
+
+    fn: Callable
+    args: tuple
+    done: Future
+
+
+@dataclass
+class _Chat:
+    """A chat job on its way through the batch: its plan, then its baseline's."""
+
+    job: ChatJob
+    on_event: Callable[[Any], None] | None
+    done: Future
+    deadline: float | None = None
+    result: Any = None  # the plan's Completion, while its baseline runs
+
+    @property
+    def plan(self):
+        return self.job.plan if self.result is None else self.job.baseline
+
+
 class ModelService:
     def __init__(self, config: ServiceConfig):
         self.config = config
         self.model: engine.Model | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-worker")
         self._pending = 0
         self._pending_lock = threading.Lock()
+        self._inbox: list[_Call | _Chat] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._waiting: deque[_Chat] = deque()  # on the worker thread only, as are the batch's
+        self._batch: Batch | None = None
+        self._batchable: tuple[Any, bool] | None = None  # (model, whether its cache batches)
+        self._worker = threading.Thread(target=self._work, name="mlx-worker", daemon=True)
+        self._worker.start()
 
     # --- the queue ------------------------------------------------------------------------
     async def run(self, fn: Callable, *args) -> Any:
-        """Run fn on the worker thread after the requests before it; refuse when the queue is full."""
+        """Run fn on the worker thread, alone (between decode steps); refuse when the queue is full."""
+        return await self._submit(lambda done: _Call(fn, args, done))
+
+    async def chat(self, job: ChatJob, on_event: Callable[[Any], None] | None = None):
+        """Generate a chat job in the batch: the engine's Completion, or None when the job was
+        cancelled (client gone). `on_event` gets each TokenEvent on the worker thread. A baseline
+        runs after it (its Completion in `job.baseline_result`), under the same time limit."""
+        return await self._submit(lambda done: _Chat(job, on_event, done))
+
+    async def _submit(self, make: Callable[[Future], _Call | _Chat]) -> Any:
         with self._pending_lock:
             self.check_room()
             self._pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            done: Future = Future()
+            with self._wake:
+                if self._closed:
+                    raise RuntimeError("the server is shutting down")
+                self._inbox.append(make(done))
+                self._wake.notify()
+            return await asyncio.wrap_future(done)
         finally:
             with self._pending_lock:
                 self._pending -= 1
@@ -91,7 +146,96 @@ class ModelService:
         return self._pending
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
+    # --- the worker thread --------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._inbox or self._closed or self._waiting or self._batch):
+                    self._wake.wait()
+                if self._closed:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for item in inbox:
+                if isinstance(item, _Call):
+                    _settle(item.done, item.fn, *item.args)
+                else:
+                    self._waiting.append(item)
+            self._admit()
+            if self._batch:
+                self._batch.step()
+        stopped = RuntimeError("the server is shutting down")
+        if self._batch:
+            self._batch.cancel_all(stopped)
+        for item in [*self._waiting, *self._inbox]:
+            _resolve(item.done, error=stopped)
+
+    def _admit(self) -> None:
+        """Move waiting chats into the batch, in order, while it has room for them."""
+        while self._waiting:
+            chat = self._waiting[0]
+            lm = chat.plan.lm
+            if chat.job.cancelled.is_set() or chat.done.cancelled():
+                self._waiting.popleft()
+                _resolve(chat.done, None)
+                continue
+            if not self._batch:  # empty: it may start over on another model
+                self._batch = Batch(lm)
+            if self._batch.lm is not lm:
+                return  # the batch drains first
+            if chat.deadline is None and self.config.max_seconds_per_request is not None:
+                chat.deadline = time.monotonic() + self.config.max_seconds_per_request
+            if not self._can_batch(lm):
+                self._waiting.popleft()
+                self._run_alone(chat)
+                continue
+            used = sum(row.gen.plan.capture_bytes for row in self._batch.rows)
+            if len(self._batch) >= self.config.max_batch_size or \
+                    (len(self._batch) and used + chat.plan.capture_bytes > self.config.capture_budget_bytes):
+                return
+            self._waiting.popleft()
+            self._batch.add(chat.plan, (chat.result is None and chat.on_event) or _ignore,
+                            lambda result, error, chat=chat: self._plan_done(chat, result, error),
+                            lambda chat=chat: chat.job.cancelled.is_set() or chat.done.cancelled(), chat.deadline)
+
+    def _plan_done(self, chat: _Chat, result, error: BaseException | None) -> None:
+        if error is not None:
+            _resolve(chat.done, error=error)
+        elif result is None or chat.job.baseline is None:
+            _resolve(chat.done, result)
+        elif chat.result is None:  # the plan is done: its baseline next, before anything else
+            chat.result = result
+            self._waiting.appendleft(chat)
+        else:
+            chat.job.baseline_result = result
+            _resolve(chat.done, chat.result)
+
+    def _can_batch(self, lm) -> bool:
+        if self._batchable is None or self._batchable[0] is not lm:
+            self._batchable = (lm, batchable(lm))
+        return self._batchable[1]
+
+    def _run_alone(self, chat: _Chat) -> None:
+        """A chat on a model that cannot batch: generated to the end now, the batch waiting."""
+        for plan, on_event in ((chat.job.plan, chat.on_event), (chat.job.baseline, None)):
+            if plan is None:
+                break
+            try:
+                result = self._run_plan(chat.job, plan, on_event, chat.deadline)
+            except Exception as exc:
+                _resolve(chat.done, error=exc)
+                return
+            if result is None:
+                _resolve(chat.done, None)
+                return
+            if plan is chat.job.plan:
+                chat.result = result
+            else:
+                chat.job.baseline_result = result
+        _resolve(chat.done, chat.result)
 
     # --- models ---------------------------------------------------------------------------
     def require_model(self) -> engine.Model:
@@ -196,17 +340,6 @@ class ModelService:
         """Run a planned attribution on the worker thread (engine.attribution.run_attribution)."""
         return self.require_model().run_attribution(plan)
 
-    def run_chat(self, job: ChatJob, on_event: Callable[[Any], None] | None = None):
-        """Generate on the worker thread; the engine's Completion, or None when the job was cancelled
-        (client gone) or ran past the server's time limit before finishing. A baseline runs
-        after it (its Completion in `job.baseline_result`), under the same time limit."""
-        limit = self.config.max_seconds_per_request
-        deadline = None if limit is None else time.monotonic() + limit
-        result = self._run_plan(job, job.plan, on_event, deadline)
-        if result is not None and job.baseline is not None:
-            job.baseline_result = self._run_plan(job, job.baseline, None, deadline)
-        return result
-
     def _run_plan(self, job: ChatJob, plan: Any, on_event: Callable[[Any], None] | None, deadline: float | None):
         events = self.require_model().run(plan, deadline=deadline)
         try:
@@ -220,3 +353,29 @@ class ModelService:
         finally:
             events.close()  # uninstalls the capture even when we stop early
         return None
+
+
+def _ignore(event) -> None:
+    pass
+
+
+def _settle(done: Future, fn: Callable, *args) -> None:
+    if done.cancelled():  # nobody waits for it any more
+        return
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # the caller's to handle; the worker goes on
+        _resolve(done, error=exc)
+    else:
+        _resolve(done, result)
+
+
+def _resolve(done: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Settle a future whose waiter may have given up (cancelled it) meanwhile."""
+    try:
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+    except InvalidStateError:
+        pass

@@ -62,7 +62,7 @@ async def stream_chat(service: ModelService, delivery: Delivery, job: ChatJob, c
 
     async def produce() -> None:
         try:
-            await queue.put(("done", await service.run(service.run_chat, job, on_event), None, None))
+            await queue.put(("done", await service.chat(job, on_event), None, None))
         except Exception as exc:  # reported to the client as an SSE error event
             await queue.put(("error", exc, None, None))
 

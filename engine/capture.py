@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from engine.errors import EngineError
 from engine.hooks import HookTarget, module_path
@@ -96,6 +96,58 @@ def attention_pattern(scores: mx.array, sinks: mx.array | None = None) -> mx.arr
     return mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1, precise=True)[..., :-1]
 
 
+@contextmanager
+def _installed(active, modules: list, seam_owner) -> Iterator:
+    """Route `modules` (and the attention seam of `seam_owner`, unless None) to `active` (a
+    Capture or a BatchCapture) until the block ends."""
+    global _active
+    with _INSTALL_LOCK:
+        originals = [(m, type(m)) for m in modules]
+        original_sdpa = getattr(seam_owner, "scaled_dot_product_attention", None) if seam_owner else None
+        if seam_owner is not None and original_sdpa is None:
+            raise RuntimeError(f"{seam_owner.__name__} has no scaled_dot_product_attention seam")
+        try:
+            for module, cls in originals:
+                module.__class__ = _tapped_class(cls)
+            if seam_owner is not None:
+                seam_owner.scaled_dot_product_attention = active._seam(original_sdpa)
+            _active = active
+            yield active
+        finally:
+            _active = None
+            for module, cls in originals:
+                module.__class__ = cls
+            if seam_owner is not None:
+                seam_owner.scaled_dot_product_attention = original_sdpa
+
+
+def _call_module(active, module, cls: type, x, args, kwargs, x_name: str | None, layer: int | None, after):
+    """Call the original module on `x`; `after` maps its output tensor. `layer` (an attention
+    module's) tells the seam which layer it is in while the module runs."""
+    if layer is not None:
+        active._seam_layer = layer
+    try:
+        out = cls.__call__(module, x, *args, **kwargs) if x_name is None else \
+            cls.__call__(module, *args, **{x_name: x}, **kwargs)
+    finally:
+        active._seam_layer = None
+    # A module may return a tuple whose first item is its tensor (gemma4_text's blocks and
+    # attention also return the shared KV and the offset); the rest passes through untouched.
+    if isinstance(out, tuple):
+        return (after(out[0]), *out[1:])
+    return after(out)
+
+
+def _set_rows(x: mx.array, rows: list[tuple[int, mx.array]]) -> mx.array:
+    """`x` with the given batch rows replaced (each [1, ...])."""
+    if not rows:
+        return x
+    parts = [x[i:i + 1] for i in range(x.shape[0])]
+    for i, row in rows:
+        parts[i] = row
+    return mx.concatenate(parts, axis=0)
+
+
 class Capture:
     """One request's hooks and interventions. Records: one HookRecord per (hook, direction), one
     StepTensor per step. `touched[i]`: positions intervention i changed at each step."""
@@ -152,29 +204,13 @@ class Capture:
         return list(modules.values())
 
     # --- installed for the duration of a generation -------------------------------------------
-    @contextmanager
-    def installed(self, lm: LoadedModel) -> Iterator["Capture"]:
-        global _active
-        with _INSTALL_LOCK:
-            originals = [(m, type(m)) for m in self._modules]
-            seam_owner = self._seam_module
-            original_sdpa = getattr(seam_owner, "scaled_dot_product_attention", None)
-            seam = bool(self._sdpa_taps or self._sdpa_edits)
-            if seam and original_sdpa is None:
-                raise RuntimeError(f"{seam_owner.__name__} has no scaled_dot_product_attention seam")
-            try:
-                for module, cls in originals:
-                    module.__class__ = _tapped_class(cls)
-                if seam:
-                    seam_owner.scaled_dot_product_attention = self._seam(original_sdpa)
-                _active = self
-                yield self
-            finally:
-                _active = None
-                for module, cls in originals:
-                    module.__class__ = cls
-                if seam:
-                    seam_owner.scaled_dot_product_attention = original_sdpa
+    @property
+    def uses_seam(self) -> bool:
+        return bool(self._sdpa_taps or self._sdpa_edits)
+
+    def installed(self, lm: LoadedModel):
+        """Context manager: this capture's taps on the model (the forward steps run inside it)."""
+        return _installed(self, self._modules, self._seam_module if self.uses_seam else None)
 
     def begin_step(self, step: int, start: int) -> None:
         self._step, self._start = step, start
@@ -214,66 +250,75 @@ class Capture:
         return x
 
     def _on_module(self, module, cls: type, x, args, kwargs, x_name: str | None = None):
-        edits = self._edits.get(id(module))
-        if edits:
-            x = self._intervene(edits, x, on_input=True)
+        x = self._before(module, x)
         layer = self._attn_layer.get(id(module))
-        if layer is not None:
-            self._seam_layer = layer
-        try:
-            out = cls.__call__(module, x, *args, **kwargs) if x_name is None else \
-                cls.__call__(module, *args, **{x_name: x}, **kwargs)
-        finally:
-            self._seam_layer = None
-        # A module may return a tuple whose first item is its tensor (gemma4_text's blocks and
-        # attention also return the shared KV and the offset); the rest passes through untouched.
-        rest = out[1:] if isinstance(out, tuple) else None
-        y = out[0] if rest is not None else out
+        return _call_module(self, module, cls, x, args, kwargs, x_name, layer,
+                            lambda y: self._after(module, x, y))
+
+    def _before(self, module, x: mx.array) -> mx.array:
+        """The module's input with this request's input interventions there."""
+        edits = self._edits.get(id(module))
+        return self._intervene(edits, x, on_input=True) if edits else x
+
+    def _after(self, module, x: mx.array, y: mx.array) -> mx.array:
+        """The module's output with this request's output interventions; records what is tapped."""
+        edits = self._edits.get(id(module))
         if edits:
             flat = y.ndim == 2 and edits[0].site == "router"  # a router fed flattened tokens (olmoe): [T, n_experts]
             y = self._intervene(edits, y[None] if flat else y, on_input=False)
             y = y[0] if flat else y
-            out = (y, *rest) if rest is not None else y
         if self._recording:
             for t, rec in self._taps.get(id(module), ()):
                 kept = x if _takes_input(t) else y
                 self._keep(rec, kept[None] if t.site == "router" and kept.ndim == 2 else kept, 0)
-        return out
+        return y
 
     def _seam(self, original):
         def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
             layer = self._seam_layer
-            edits = self._sdpa_edits.get(layer, ()) if layer is not None else ()
-            if edits:
-                queries, keys, values = self._edit_qkv(edits, queries, keys, values, cache)
+            queries, keys, values = self._seam_before(layer, queries, keys, values, cache)
             out = original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
-            if edits:
-                out = self._intervene([iv for iv in edits if iv.component == "head_output"], out, on_input=False)
-            if layer is None or not self._recording or layer not in self._sdpa_taps:
-                return out
-            t_q = queries.shape[2]
-            scores = None
-            for t, rec in self._sdpa_taps[layer]:
-                if t.component == "head_output":
-                    self._keep(rec, out, 1)
-                elif t.component == "query":
-                    self._keep(rec, queries, 1)
-                elif t.component in ("key", "value"):  # this step's tokens; earlier ones are in earlier steps
-                    self._keep(rec, (keys if t.component == "key" else values)[:, :, -t_q:, :], 1)
-                else:
-                    if scores is None:
-                        scores = attention_scores(queries, keys, scale, mask)
-                    if t.component == "attention_scores":
-                        self._keep(rec, scores, 1)
-                    else:
-                        self._keep(rec, attention_pattern(scores, kwargs.get("sinks")), 1)
-            return out
+            return self._seam_after(layer, queries, keys, values, out, scale, mask, kwargs.get("sinks"))
 
         return scaled_dot_product_attention
 
-    def _edit_qkv(self, edits: list[Intervention], queries, keys, values, cache):
+    def _seam_before(self, layer, queries, keys, values, cache, row: int | None = None):
+        edits = self._sdpa_edits.get(layer, ()) if layer is not None else ()
+        return self._edit_qkv(edits, queries, keys, values, cache, row) if edits else (queries, keys, values)
+
+    def _seam_after(self, layer, queries, keys, values, out, scale, mask, sinks, key_pad: int = 0):
+        """The attention output with head_output interventions; records q/k/v, scores, patterns
+        and head outputs. `key_pad`: leading key columns that are a batch's padding, not this
+        request's (masked out, then dropped from what is recorded)."""
+        if layer is None:
+            return out
+        edits = self._sdpa_edits.get(layer, ())
+        if edits:
+            out = self._intervene([iv for iv in edits if iv.component == "head_output"], out, on_input=False)
+        if not self._recording or layer not in self._sdpa_taps:
+            return out
+        t_q = queries.shape[2]
+        scores = None
+        for t, rec in self._sdpa_taps[layer]:
+            if t.component == "head_output":
+                self._keep(rec, out, 1)
+            elif t.component == "query":
+                self._keep(rec, queries, 1)
+            elif t.component in ("key", "value"):  # this step's tokens; earlier ones are in earlier steps
+                self._keep(rec, (keys if t.component == "key" else values)[:, :, -t_q:, :], 1)
+            else:
+                if scores is None:
+                    scores = attention_scores(queries, keys, scale, mask)[..., key_pad:]
+                if t.component == "attention_scores":
+                    self._keep(rec, scores, 1)
+                else:
+                    self._keep(rec, attention_pattern(scores, sinks), 1)
+        return out
+
+    def _edit_qkv(self, edits: list[Intervention], queries, keys, values, cache, row: int | None = None):
         """Queries, keys and values with the step's interventions; changed keys and values are
-        written back into the KV cache, which holds them for every later step."""
+        written back into the KV cache, which holds them for every later step (`row`: this
+        request's row of a batch's cache)."""
         t_q = queries.shape[2]
         queries = self._intervene([iv for iv in edits if iv.component == "query"], queries, on_input=False)
         new = []
@@ -284,13 +329,72 @@ class Capture:
         if all(e is None for e in new):
             return queries, keys, values
         if cache is not None:
-            if type(cache) is not KVCache:
+            if type(cache) is KVCache:
+                end, rows = cache.offset, slice(None)
+            elif type(cache) is BatchKVCache and row is not None:
+                end, rows = cache._idx, slice(row, row + 1)
+            else:
                 raise EngineError(f"key and value interventions need a plain KV cache, not {type(cache).__name__}",
                                   "interventions")
-            end = cache.offset
             for name, edited in zip(("keys", "values"), new):
                 if edited is not None:
-                    getattr(cache, name)[..., end - t_q:end, :] = edited
+                    getattr(cache, name)[rows, :, end - t_q:end, :] = edited
         keys, values = (a if e is None else (e if a.shape[2] == t_q else mx.concatenate([a[:, :, :-t_q], e], axis=2))
                         for a, e in zip((keys, values), new))
         return queries, keys, values
+
+
+class BatchCapture:
+    """The captures of the rows of one batched decode step (one new token per row; rows without
+    hooks or interventions have none here). Each request's interventions see and change its
+    own row only, and its records hold its own row: keys and attention columns that are the
+    batch's left padding are masked out by the batch's mask and dropped from what is kept."""
+
+    def __init__(self, rows: list[tuple[int, Capture]], key_pads: list[int]):
+        self._rows = rows  # (row in the batch, that request's Capture)
+        self._key_pads = key_pads  # per row of the batch: leading key columns that are padding
+        modules, self._attn_layer = {}, {}
+        for _, c in rows:
+            modules.update((id(m), m) for m in c._modules)
+            self._attn_layer.update(c._attn_layer)
+        self._modules = list(modules.values())
+        self._seam_module = rows[0][1]._seam_module
+        self._uses_seam = any(c.uses_seam for _, c in rows)
+        self._seam_layer: int | None = None
+
+    def installed(self):
+        return _installed(self, self._modules, self._seam_module if self._uses_seam else None)
+
+    def _on_module(self, module, cls: type, x, args, kwargs, x_name: str | None = None):
+        key = id(module)
+        rows = [(i, c) for i, c in self._rows if key in c._edits or key in c._taps]
+        x = _set_rows(x, [(i, c._before(module, x[i:i + 1])) for i, c in rows if key in c._edits])
+
+        def after(y):
+            done = [(i, c._after(module, x[i:i + 1], y[i:i + 1])) for i, c in rows]
+            return _set_rows(y, [(i, r) for (i, r), (_, c) in zip(done, rows) if key in c._edits])
+
+        return _call_module(self, module, cls, x, args, kwargs, x_name, self._attn_layer.get(key), after)
+
+    def _seam(self, original):
+        def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
+            layer = self._seam_layer
+            rows = [] if layer is None else \
+                [(i, c) for i, c in self._rows if layer in c._sdpa_edits or layer in c._sdpa_taps]
+            edited = [(i, c._seam_before(layer, queries[i:i + 1], keys[i:i + 1], values[i:i + 1], cache, row=i))
+                      for i, c in rows if layer in c._sdpa_edits]
+            if edited:
+                queries, keys, values = (_set_rows(a, [(i, qkv[n]) for i, qkv in edited])
+                                         for n, a in enumerate((queries, keys, values)))
+            out = original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
+            changed = []
+            for i, c in rows:
+                row_mask = mask[i:i + 1] if isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[0] > 1 \
+                    else mask
+                o = c._seam_after(layer, queries[i:i + 1], keys[i:i + 1], values[i:i + 1], out[i:i + 1], scale,
+                                  row_mask, kwargs.get("sinks"), key_pad=self._key_pads[i])
+                if layer in c._sdpa_edits:
+                    changed.append((i, o))
+            return _set_rows(out, changed)
+
+        return scaled_dot_product_attention
