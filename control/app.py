@@ -78,6 +78,7 @@ class Server:
             "model_loaded": model is not None,
             "model_id": model.info.model_id if model else None,
             "queued": self.service.queued,
+            "decoding": self.service.decoding,
             "limits": self.service.config.limits(),
             "blas": BLAS_IN_USE,
         })

@@ -143,7 +143,13 @@ class ModelService:
 
     @property
     def queued(self) -> int:
+        """Requests in flight: decoding, waiting, or exclusive work."""
         return self._pending
+
+    @property
+    def decoding(self) -> int:
+        """Requests in the running batch now."""
+        return len(self._batch) if self._batch is not None else 0
 
     def shutdown(self) -> None:
         with self._wake:
