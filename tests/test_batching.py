@@ -452,3 +452,39 @@ def test_capture_budget_counts_across_the_batch(tiny_llama, tiny_llama_path, tmp
         assert max(seen) == 1, f"captures over the budget decoded together: {sorted(set(seen))}"
     finally:
         s.stop()
+
+
+def test_a_model_that_cannot_batch_serves_one_at_a_time(tmp_path_factory):
+    """gemma3_text (sliding-window layers): concurrent requests never share a batch and each
+    answers what it answers alone."""
+    from bridge.client import LMStudioNeuroScopeClient
+    from tests.conftest import ServerProcess
+    from tests.test_arch_zoo import zoo_model
+
+    s = ServerProcess(str(zoo_model("gemma3_text")), tmp_path_factory.mktemp("window-server"))
+    try:
+        base, hooks = s.base_url, [{"layer_name": "blocks.0.hook_resid_post", "hook_id": "r0"}]
+
+        def ask(k):
+            r = LMStudioNeuroScopeClient(base).generate_with_activations(f"Hello {k}", hooks, max_tokens=12,
+                                                                         temperature=0)
+            return r.text, np.concatenate([a.ravel() for a in r.arrays("r0")])
+
+        alone_results = [ask(k) for k in range(3)]
+        seen, together, stop = [], {}, threading.Event()
+        watcher = threading.Thread(target=lambda: [seen.append(requests_get(base + "/health")["decoding"])
+                                                   for _ in iter(lambda: stop.wait(0.005), True)])
+        watcher.start()
+        threads = [threading.Thread(target=lambda k=k: together.__setitem__(k, ask(k))) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stop.set()
+        watcher.join()
+        for k in range(3):
+            assert together[k][0] == alone_results[k][0]
+            np.testing.assert_array_equal(together[k][1], alone_results[k][1])
+        assert max(seen) == 0  # never in a batch
+    finally:
+        s.stop()
