@@ -330,13 +330,6 @@ def test_server_mixed_batch_equals_sequential(server):
     contents = [f"Tell me about item {i} " + "and more " * i for i in range(7)]
     alone_results = [_request(client, k, contents[k]) for k in range(7)]
 
-    seen, stop = [], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            seen.append(requests_get(base + "/health")["decoding"])
-            time.sleep(0.005)
-
     together: dict = {}
     errors: list = []
 
@@ -346,20 +339,15 @@ def test_server_mixed_batch_equals_sequential(server):
         except Exception as exc:  # reported below, with the others' results
             errors.append((k, exc))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
     leaving = RawStream(server.port, "/v1/chat/completions/with_activations",
                         {"messages": [{"role": "user", "content": "bye"}], "max_tokens": 200, "temperature": 0,
                          "stream": True, "activation_hooks": HOOKS, "activations_transport": "shm"})
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(7)]
-    for t in threads:
-        t.start()
-    leaving.read_events(4)
-    leaving.close()
-    for t in threads:
-        t.join(120)
-    stop.set()
-    watcher.join()
+
+    def leave():
+        leaving.read_events(4)
+        leaving.close()
+
+    seen = concurrently(base, [leave, *(lambda k=k: run(k) for k in range(7))])
     assert not errors, errors
     for k in range(7):
         _same(together[k], alone_results[k])
@@ -372,6 +360,25 @@ def requests_get(url: str) -> dict:
     import requests
 
     return requests.get(url, timeout=10).json()
+
+
+def concurrently(base: str, fns) -> list[int]:
+    """Run the callables on threads at once; the batch sizes /health reported meanwhile."""
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(requests_get(base + "/health")["decoding"])
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=watch), *(threading.Thread(target=f) for f in fns)]
+    for t in threads:
+        t.start()
+    for t in threads[1:]:
+        t.join(120)
+    stop.set()
+    threads[0].join()
+    return seen
 
 
 def _wait_idle(base: str) -> None:
@@ -427,27 +434,13 @@ def test_capture_budget_counts_across_the_batch(tiny_llama, tiny_llama_path, tmp
     s = ServerProcess(str(tiny_llama_path), tmp_path_factory.mktemp("budget-server"),
                       ["--capture-budget", str(int(one * 1.5)), "--max-batch-size", "8"])
     try:
-        base, seen, stop = s.base_url, [], threading.Event()
-        results: dict = {}
-
-        def watch():
-            while not stop.is_set():
-                seen.append(requests_get(base + "/health")["decoding"])
-                time.sleep(0.005)
+        base, results = s.base_url, {}
 
         def run(k):
             c = LMStudioNeuroScopeClient(base)
             results[k] = c.generate_with_activations("Hi", hooks, max_tokens=40, temperature=0).text
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        stop.set()
-        watcher.join()
+        seen = concurrently(base, [lambda k=k: run(k) for k in range(3)])
         assert len(results) == 3 and len(set(results.values())) == 1
         assert max(seen) == 1, f"captures over the budget decoded together: {sorted(set(seen))}"
     finally:
@@ -471,17 +464,8 @@ def test_a_model_that_cannot_batch_serves_one_at_a_time(tmp_path_factory):
             return r.text, np.concatenate([a.ravel() for a in r.arrays("r0")])
 
         alone_results = [ask(k) for k in range(3)]
-        seen, together, stop = [], {}, threading.Event()
-        watcher = threading.Thread(target=lambda: [seen.append(requests_get(base + "/health")["decoding"])
-                                                   for _ in iter(lambda: stop.wait(0.005), True)])
-        watcher.start()
-        threads = [threading.Thread(target=lambda k=k: together.__setitem__(k, ask(k))) for k in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        stop.set()
-        watcher.join()
+        together: dict = {}
+        seen = concurrently(base, [lambda k=k: together.__setitem__(k, ask(k)) for k in range(3)])
         for k in range(3):
             assert together[k][0] == alone_results[k][0]
             np.testing.assert_array_equal(together[k][1], alone_results[k][1])
