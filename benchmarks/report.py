@@ -162,13 +162,14 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 # --- the report -----------------------------------------------------------------------------
 BENCHMARKS = ("shm_throughput", "transport_e2e", "capture_overhead", "scaling", "server_load",
-              "reference_transformerlens", "interventions", "smalltalk_binary")
+              "reference_transformerlens", "interventions", "smalltalk_binary", "batching", "attribution", "harvest")
 
 
 def load_results(results_dir: Path = RESULTS_DIR, only: set[str] | None = None) -> dict[str, dict]:
     out = {}
     for name in ("shm_throughput", "capture_overhead", "transport_e2e", "server_load", "scaling",
-                 "reference_transformerlens", "interventions", "smalltalk_binary"):
+                 "reference_transformerlens", "interventions", "smalltalk_binary", "batching", "attribution",
+                 "harvest"):
         if only is not None and name not in only:
             continue
         p = results_dir / f"{name}.json"
@@ -290,6 +291,33 @@ def section_reference(r: dict) -> str:
     return f"{head}\n{r.get('description', '')}\n\n{table}\n\n{r.get('note', '')}\n"
 
 
+def section_harvest(r: dict) -> str:
+    head = "### Harvesting activations into Parquet (`harvest`)\n"
+    table = md_table(["variant", "s", "tok/s", "best tok/s", "x plain forward", "x forward (best)",
+                      "x forward (cpu time)", "GB written", "GB/s"],
+                     [[x["variant"], x["seconds"], x["tokens_per_s"], x.get("best_tokens_per_s"), x["x_forward"],
+                       x.get("x_forward_best"), x.get("x_forward_cpu"), x.get("gb_written"), x.get("gb_per_s")]
+                      for x in r.get("rows", [])])
+    met = "met" if r.get("target_met") else "NOT met"
+    return f"{head}\n{r.get('description', '')} Target: harvest >= {r.get('target')}x: {met}.\n\n{table}\n"
+
+
+def section_attribution(r: dict) -> str:
+    head = "### Attribution patching against the exhaustive patching sweep (`attribution`)\n"
+    table = md_table(["method", "s", "sweep s / method s", "correlation (all rows)", "correlation (changed positions)",
+                      "correlation (attention + MLP)", "top-20 overlap", "top-20 overlap (attention + MLP)",
+                      "top-20 overlap (GradDrop)"],
+                     [[x["method"], x["seconds"], x["sweep_over_method"], x["correlation_all"],
+                       x["correlation_changed"], x.get("correlation_attention_mlp", "-"), x["top20_overlap"],
+                       x.get("top20_overlap_attention_mlp", "-"), x.get("top20_overlap_graddrop", "-")]
+                      for x in r.get("rows", [])])
+    biggest = md_table(["site", "position", "patched", "atp", "atp*", "GradDrop"],
+                       [[x["site"], x["position"], x["patched"], x["atp"], x["atp_star"], x["graddrop"]]
+                        for x in r.get("largest_patches", [])])
+    return (f"{head}\n{r.get('description', '')} Sweep: {r.get('sweep_s')} s.\n\n{table}\n\n"
+            f"The largest real patches:\n\n{biggest}\n")
+
+
 def section_interventions(r: dict) -> str:
     head = "### Interventions: steering, head ablation, activation patching (`interventions`)\n"
     parts = [head, r.get("description", "") + "\n"]
@@ -347,6 +375,23 @@ def section_interventions(r: dict) -> str:
     return "\n".join(parts) if len(parts) > 2 else ""
 
 
+def section_batching(r: dict) -> str:
+    rows = r.get("rows", [])
+    if not rows:
+        return ""
+    t = r.get("targets", {})
+    met = r.get("targets_met", {})
+    table = md_table(["clients", "mlx_lm.server tok/s", "nsbridge off tok/s", "off / mlx_lm", "nsbridge capture tok/s",
+                      "capture / off", "errors"],
+                     [[x["clients"], x.get("mlx_lm_tok_s"), x.get("off_tok_s"), x.get("off_vs_mlx_lm"),
+                       x.get("capture_tok_s"), x.get("capture_vs_off"), x.get("errors")] for x in rows])
+    goals = (f"Targets: off >= {t.get('off_vs_mlx_lm', 1.0):g}x mlx_lm.server at every concurrency "
+             f"({'met' if met.get('off_vs_mlx_lm') else 'NOT met'}); capture >= {t.get('capture_vs_off', 0.9):g}x off "
+             f"({'met' if met.get('capture_vs_off') else 'NOT met'}).")
+    return (f"### Concurrent clients: tokens/s against mlx_lm.server (`batching`)\n\n{r.get('description', '')}\n\n"
+            f"{table}\n\n{goals}\n")
+
+
 def section_smalltalk(r: dict) -> str:
     head = "### NeuroScope's Smalltalk client: binary vs JSON activations (`smalltalk_binary`)\n"
     if r.get("skipped"):
@@ -374,7 +419,9 @@ def summary_markdown(results: dict[str, dict], machine: dict, headline: list[lis
     for name, fn in (("shm_throughput", section_shm), ("transport_e2e", section_transport),
                      ("capture_overhead", section_capture), ("scaling", section_scaling),
                      ("server_load", section_server), ("reference_transformerlens", section_reference),
-                     ("interventions", section_interventions), ("smalltalk_binary", section_smalltalk)):
+                     ("interventions", section_interventions), ("smalltalk_binary", section_smalltalk),
+                     ("batching", section_batching), ("attribution", section_attribution),
+                     ("harvest", section_harvest)):
         if name in results:
             try:
                 text = fn(results[name])
@@ -435,6 +482,17 @@ def headline_rows(results: dict[str, dict]) -> list[list[Any]]:
             ctx += (f"; TransformerLens {pa['transformerlens']['patch']['sweep_s']:.1f} s "
                     f"({pa['ratio_vs_transformerlens']:.2f}x)")
         out.append(["activation-patching sweep (resid_pre, all layers)", f"{pa['mlx']['patch']['sweep_s']:.1f} s", ctx])
+    for x in results.get("batching", {}).get("rows", [])[-1:]:  # the most clients
+        if x.get("off_vs_mlx_lm") is not None:
+            out.append([f"tokens/s vs mlx_lm.server, {x['clients']} concurrent clients", f"{x['off_vs_mlx_lm']:.2f}x",
+                        f"{x['off_tok_s']:.1f} vs {x['mlx_lm_tok_s']:.1f} tok/s; residual capture on all layers "
+                        + (f"{x['capture_vs_off']:.2f}x of capture off" if x.get("capture_vs_off") else "not run")])
+    for x in results.get("attribution", {}).get("rows", []):
+        out.append([f"attribution patching ({x['method']}) vs the exhaustive patching sweep",
+                    f"{x['sweep_over_method']:.0f}x faster",
+                    f"{x['seconds']:.2f} s vs {results['attribution']['sweep_s']:.0f} s, "
+                    f"{results['attribution']['rows_total']} rows; correlation {x['correlation_changed']:.2f}, "
+                    f"top-20 overlap {x['top20_overlap']}"])
     for block in results.get("server_load", {}).get("models", []):
         for x in block["rows"]:
             if x["scenario"] == "chat":
@@ -465,6 +523,8 @@ def plot(results: dict[str, dict], path: Path, machine: dict | None = None) -> P
         panels.append(_plot_capture)
     if results.get("server_load", {}).get("models"):
         panels.append(_plot_server)
+    if results.get("batching", {}).get("rows"):
+        panels.append(_plot_batching)
     if results.get("reference_transformerlens", {}).get("rows"):
         panels.append(_plot_reference)
     if results.get("interventions", {}).get("patching", {}).get("mlx"):
@@ -596,6 +656,24 @@ def _plot_server(ax, results):
     ax.set_ylabel("latency ms")
     ax.set_title("Server latency under concurrent clients")
     ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_batching(ax, results):
+    rows = results["batching"]["rows"]
+    x = [r["clients"] for r in rows]
+    for key, label, style in (("mlx_lm_tok_s", "mlx_lm.server", "k--o"), ("off_tok_s", "nsbridge, capture off", "o-"),
+                              ("capture_tok_s", "nsbridge, residual capture", "s-")):
+        pts = [(c, r[key]) for c, r in zip(x, rows) if r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(c) for c in x])
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("completion tokens / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Throughput under concurrent clients")
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
 
 

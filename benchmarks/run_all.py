@@ -37,8 +37,11 @@ ARGS = {
     "reference_transformerlens": ([], ["--quick"]),
     "interventions": ([], ["--quick"]),
     "smalltalk_binary": ([], ["--quick"]),
+    "batching": ([], ["--quick"]),
+    "attribution": ([], ["--quick"]),
+    "harvest": ([], ["--quick"]),
 }
-TIMEOUT_S = {"capture_overhead": 900, "default": 900}
+TIMEOUT_S = {"capture_overhead": 900, "batching": 2400, "attribution": 1800, "harvest": 1800, "default": 900}
 
 
 def _supported(name: str, args: list[str]) -> list[str]:

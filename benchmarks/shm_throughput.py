@@ -1,6 +1,6 @@
 """MLX arrays -> Arrow IPC in shared memory, against memcpy of the same bytes and inline JSON.
 
-    python -m benchmarks.shm_throughput [--sizes 1 16 64 256] [--runs 7]
+    python -m benchmarks.shm_throughput [--sizes 1 16 64 256] [--runs 7] [--baseline-writer FILE]
 
 Per payload size: the write (plan + copy into a pooled, pre-faulted segment) and a plain
 numpy copy of the same MLX arrays into a pre-faulted buffer, interleaved A/B in the same
@@ -8,11 +8,19 @@ run, medians; the write of a first capture into a fresh segment (creation and pa
 a consumer's open (map + read schema + get every hook's array, then close); and orjson
 encoding of the same arrays (capped: it runs at ~0.15 GB/s). Prints a table and writes
 benchmarks/results/shm_throughput.json.
+
+The decode case (30 hooks x 129 steps: 3,870 small arrays) measures per-array overhead;
+its memcpy is one copy per array, as the write has to do, and `block` is the same bytes
+copied as one block (the floor no per-array path reaches). `--baseline-writer` takes
+another version of shm/writer.py (say `git show HEAD:shm/writer.py > /tmp/writer_before.py`)
+and times its write in the same interleaved loop, so a change to the writer is measured
+before/after side by side on one noisy machine. `--sizes` with no value: decode case only.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -74,11 +82,43 @@ def _memcpy(srcs: list[np.ndarray], dst: np.ndarray) -> float:
     return time.perf_counter() - t0
 
 
-def _write(cap: CaptureResult, reg: ShmRegistry, i: int) -> tuple[float, object]:
+def _write(cap: CaptureResult, reg: ShmRegistry, i: int | str, writer=write_capture) -> tuple[float, object]:
     cap.capture_id = f"bench-{i}"
     t0 = time.perf_counter()
-    h = write_capture(cap, reg)
+    h = writer(cap, reg)
     return time.perf_counter() - t0, h
+
+
+def _load_writer(path: Path):
+    """`write_capture` of another version of shm/writer.py (it imports today's shm.format and
+    shm.lifecycle, so only the writer itself is compared)."""
+    spec = importlib.util.spec_from_file_location("shm_writer_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.write_capture
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _write_peak(cap: CaptureResult, reg: ShmRegistry, writer=write_capture) -> int | None:
+    """How far the process's resident memory rose above where it was during one write into a
+    reused segment, in KiB (a temporary second copy of the data would show here). Linux: the
+    peak is reset through /proc/self/clear_refs; None elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status_kib("VmRSS")
+        _, h = _write(cap, reg, -2, writer)
+        peak = _status_kib("VmHWM") - before
+    except (OSError, KeyError):
+        return None
+    reg.release(h.capture_id)
+    return peak
 
 
 def _open(handle) -> float:
@@ -90,27 +130,35 @@ def _open(handle) -> float:
     return time.perf_counter() - t0
 
 
-def bench(cap: CaptureResult, label: str, runs: int, reg: ShmRegistry) -> dict:
+def bench(cap: CaptureResult, label: str, runs: int, reg: ShmRegistry, baseline=None) -> dict:
     import orjson
 
     srcs = [to_numpy(s.array) for h in cap.hooks for s in h.steps]
     nbytes = sum(s.nbytes for s in srcs)
     dst = np.empty(nbytes, np.uint8)
     dst[:] = 1  # pre-fault the memcpy target too
+    block = np.concatenate([s.reshape(-1).view(np.uint8) for s in srcs])
 
     cold, h = _write(cap, reg, -1)  # first capture of this size: new segment + page faults
     reg.release(h.capture_id)
-    mem, wr = [], []
-    for i in range(runs):  # interleaved A/B, alternating which goes first
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for which in order:
+    peak = _write_peak(cap, reg)
+    base_peak = _write_peak(cap, reg, baseline) if baseline is not None else None
+    mem, wr, base, blk = [], [], [], []
+    contenders = 3 if baseline is not None else 2
+    for i in range(runs):  # interleaved, rotating which goes first
+        for k in range(contenders):
+            which = (i + k) % contenders
             if which == 0:
                 mem.append(_memcpy(srcs, dst))
+                t0 = time.perf_counter()
+                np.copyto(dst, block)
+                blk.append(time.perf_counter() - t0)
             else:
-                t, h = _write(cap, reg, i)
-                wr.append(t)
-                if i < runs - 1:
-                    reg.release(h.capture_id)
+                t, h = _write(cap, reg, i, write_capture) if which == 1 else _write(cap, reg, f"base-{i}", baseline)
+                (wr if which == 1 else base).append(t)
+                reg.release(h.capture_id)  # every write finds the same warm segment
+    del block
+    _, h = _write(cap, reg, "open")  # untimed: the capture the consumer opens
     opens = [_open(h) for _ in range(max(runs * 3, 20))]
     stream_bytes = h.byte_size
     reg.release(h.capture_id)
@@ -137,6 +185,12 @@ def bench(cap: CaptureResult, label: str, runs: int, reg: ShmRegistry) -> dict:
         "write_vs_memcpy": m / w,
         "write_ms": w * 1e3,
         "memcpy_ms": m * 1e3,
+        "memcpy_block_gbps": nbytes / statistics.median(blk) / 1e9,
+        "write_vs_memcpy_block": statistics.median(blk) / w,
+        "write_peak_rss_kib": peak,
+        "baseline_write_peak_rss_kib": base_peak,
+        "baseline_write_gbps": nbytes / statistics.median(base) / 1e9 if base else None,
+        "baseline_vs_memcpy": m / statistics.median(base) if base else None,
         "cold_write_gbps": nbytes / cold / 1e9,
         "open_us": statistics.median(opens) * 1e6,
         "json_gbps": nbytes / js["s"] / 1e9 if js else None,
@@ -146,25 +200,40 @@ def bench(cap: CaptureResult, label: str, runs: int, reg: ShmRegistry) -> dict:
     return row
 
 
+def _kib(v: int | None) -> str:
+    return f"{v:12d}" if v is not None else f"{'-':>12}"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 64, 256], help="payload sizes in MiB")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1, 16, 64, 256],
+                    help="prefill payload sizes in MiB (none: the decode case only)")
     ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--baseline-writer", type=Path, default=None,
+                    help="another shm/writer.py to time side by side (before/after a change)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    baseline = _load_writer(args.baseline_writer) if args.baseline_writer else None
 
     rows = []
     with tempfile.TemporaryDirectory() as state, ShmRegistry(state_dir=state) as reg:
         warm = payload(64 * 1024)  # first-call costs (pyarrow IPC, MLX) out of the cold numbers
         reg.release(write_capture(warm, reg).capture_id)
         for mib in args.sizes:
-            rows.append(bench(payload(mib * MiB), "prefill", args.runs, reg))
-        rows.append(bench(decode_payload(), "decode", args.runs, reg))
-    print(f"{'case':>8} {'MiB':>5} {'memcpy GB/s':>11} {'write GB/s':>10} {'ratio':>6} {'cold GB/s':>9} {'open us':>8} {'json GB/s':>9} {'json/shm':>9}")
+            rows.append(bench(payload(mib * MiB), "prefill", args.runs, reg, baseline))
+        rows.append(bench(decode_payload(), "decode", args.runs, reg, baseline))
+    base_head = f" {'baseline':>8}" if baseline else ""
+    print(f"{'case':>8} {'MiB':>5} {'arrays':>6} {'memcpy GB/s':>11} {'write GB/s':>10} {'ratio':>6}{base_head} "
+          f"{'block GB/s':>10} {'cold GB/s':>9} {'open us':>8} {'json GB/s':>9} {'json/shm':>9} {'peak RSS KiB':>12}")
     for r in rows:
         js = f"{r['json_gbps']:9.3f} {r['json_vs_shm']:8.0f}x" if r["json_gbps"] else f"{'skipped':>9} {'':>9}"
-        print(f"{r['case']:>8} {r['payload_mib']:5.1f} {r['memcpy_gbps']:11.2f} {r['write_gbps']:10.2f} {r['write_vs_memcpy']:6.2f} "
-              f"{r['cold_write_gbps']:9.2f} {r['open_us']:8.0f} {js}")
+        base = f" {r['baseline_vs_memcpy']:8.2f}" if baseline else ""
+        print(f"{r['case']:>8} {r['payload_mib']:5.1f} {r['arrays']:6d} {r['memcpy_gbps']:11.2f} {r['write_gbps']:10.2f} "
+              f"{r['write_vs_memcpy']:6.2f}{base} {r['memcpy_block_gbps']:10.2f} {r['cold_write_gbps']:9.2f} "
+              f"{r['open_us']:8.0f} {js} {_kib(r['write_peak_rss_kib'])}")
+    if baseline:
+        print(f"ratio: write / memcpy (one copy per array); baseline: {args.baseline_writer}'s write / the same "
+              f"memcpy; its peak RSS KiB: {[r['baseline_write_peak_rss_kib'] for r in rows]}")
     result = {
         "benchmark": "shm_throughput",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -176,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
             "decode": "30 residual hooks, float32, d_model=576, 32-token prefill + 128 decode steps",
         },
         "memcpy": "numpy copyto of the same MLX arrays (already numpy views) into a pre-faulted buffer",
+        "memcpy_block": "the same bytes as one contiguous copy",
+        "write_peak_rss": "rise of the process's peak resident memory during one write into a reused segment",
+        "baseline_writer": str(args.baseline_writer) if args.baseline_writer else None,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -714,6 +715,31 @@ def _describe_vector(desc: dict) -> dict:
     return out
 
 
+ATTRIBUTION_ARROW = "application/vnd.apache.arrow.stream"
+
+
+def _one_run(prompt: Any, name: str) -> dict:
+    """One run of an attribution: {"prompt": ...} or {"messages": [...]} (a dict passes as it is)."""
+    if isinstance(prompt, dict) and set(prompt) <= {"prompt", "messages"} and prompt:
+        return _jsonable(prompt)
+    try:
+        return _analysis_input(prompt)
+    except TypeError as exc:
+        raise TypeError(f"{name}: {exc}") from None
+
+
+def _metric(metric: Any) -> dict:
+    """(a, b) -> logit_diff; a -> logprob; a dict passes as it is."""
+    if isinstance(metric, dict):
+        return _jsonable(metric)
+    if isinstance(metric, (list, tuple, np.ndarray)) and len(metric) == 2:
+        return {"type": "logit_diff", "token_ids": [_token_id(t) for t in metric]}
+    if isinstance(metric, (int, np.integer)) and not isinstance(metric, (bool, np.bool_)):
+        return {"type": "logprob", "token_id": int(metric)}
+    raise TypeError("metric must be (a, b) token ids for logit(a) - logit(b), a token id for its log-probability, "
+                    f"or a dict {{'type': 'logit_diff' | 'logprob', ...}}, not {type(metric).__name__}")
+
+
 # TransformerLens hook names of the sites a patching sweep can patch.
 PATCH_SITES = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -777,6 +803,114 @@ def _capture_id(capture: Any) -> str:
     raise TypeError(f"cannot tell the capture id of {type(capture).__name__}")
 
 
+@dataclass
+class AttributionResult:
+    """The answer of `LMStudioNeuroScopeClient.attribution` (POST /v1/attribution), column-wise.
+
+    One entry per site, position and head, in the order the sites were given: `layer_name`,
+    `component` (object arrays), `position`, `head` (int arrays; head -1 on whole-site rows), `estimate`
+    (float64) and, with method atp*, `graddrop` (AtP*'s GradDrop score). `verified`: the rows really
+    patched (`patched`; None where the server's time limit skipped it). `matrix()` gives a site x
+    position (x head) array for heatmaps."""
+
+    method: str
+    clean_metric: float
+    corrupted_metric: float
+    layer_name: np.ndarray
+    component: np.ndarray
+    position: np.ndarray
+    head: np.ndarray
+    estimate: np.ndarray
+    graddrop: np.ndarray | None = None
+    verified: list[dict] = field(default_factory=list)
+    n_tokens: int = 0
+    clean_tokens: list[str] = field(default_factory=list)
+    corrupted_tokens: list[str] = field(default_factory=list)
+    metric: dict = field(default_factory=dict)
+    model: str | None = None
+
+    @classmethod
+    def from_arrow(cls, data: bytes) -> "AttributionResult":
+        import pyarrow as pa
+
+        table = pa.ipc.open_stream(data).read_all()
+        meta = {k.decode(): json.loads(v) for k, v in (table.schema.metadata or {}).items()}
+        head = table.column("head").to_numpy(zero_copy_only=False)
+        cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        return cls._make(meta, cols["layer_name"].astype(object), cols["component"].astype(object),
+                         cols["position"], np.where(np.isnan(head.astype(np.float64)), -1, head), cols["estimate"],
+                         cols.get("graddrop"))
+
+    @classmethod
+    def from_json(cls, body: dict) -> "AttributionResult":
+        rows = body["attributions"]
+        graddrop = np.array([r["graddrop"] for r in rows], np.float64) if rows and "graddrop" in rows[0] else None
+        return cls._make(body, np.array([r["layer_name"] for r in rows], object),
+                         np.array([r["component"] for r in rows], object), [r["position"] for r in rows],
+                         [r.get("head", -1) for r in rows], [r["estimate"] for r in rows], graddrop)
+
+    @classmethod
+    def _make(cls, meta: dict, layer_name, component, position, head, estimate, graddrop) -> "AttributionResult":
+        return cls(method=meta.get("method", "atp"), clean_metric=meta["clean_metric"],
+                   corrupted_metric=meta["corrupted_metric"], layer_name=layer_name, component=component,
+                   position=np.asarray(position, np.int64), head=np.asarray(head, np.int64),
+                   estimate=np.asarray(estimate, np.float64),
+                   graddrop=None if graddrop is None else np.asarray(graddrop, np.float64),
+                   verified=list(meta.get("verified") or []), n_tokens=int(meta.get("n_tokens", 0)),
+                   clean_tokens=list(meta.get("clean_tokens") or []),
+                   corrupted_tokens=list(meta.get("corrupted_tokens") or []), metric=dict(meta.get("metric") or {}),
+                   model=meta.get("model"))
+
+    def __len__(self) -> int:
+        return len(self.estimate)
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites' layer names, in the order given (once each)."""
+        return list(dict.fromkeys(self.layer_name.tolist()))
+
+    def rows(self) -> list[dict]:
+        """The rows as the JSON answer writes them."""
+        out = []
+        for i in range(len(self)):
+            row = {"layer_name": self.layer_name[i], "component": self.component[i], "position": int(self.position[i])}
+            if self.head[i] >= 0:
+                row["head"] = int(self.head[i])
+            row["estimate"] = float(self.estimate[i])
+            if self.graddrop is not None:
+                row["graddrop"] = float(self.graddrop[i])
+            out.append(row)
+        return out
+
+    def top(self, k: int = 10) -> list[dict]:
+        """The k rows with the largest |estimate| (atp*: the largest GradDrop score)."""
+        score = self.graddrop if self.graddrop is not None else np.abs(self.estimate)
+        rows = self.rows()
+        return [rows[i] for i in np.argsort(-score, kind="stable")[:k]]
+
+    def matrix(self, component: str | None = None, value: str = "estimate") -> tuple[list[str], np.ndarray]:
+        """(site names, array): one row per site (of `component`, if given) and one column per position;
+        per-head sites add a last axis of heads. `value`: "estimate" or "graddrop"."""
+        values = self.estimate if value == "estimate" else self.graddrop
+        if values is None:
+            raise ValueError(f"no {value!r} in this result (graddrop comes with method 'atp*')")
+        keep = np.ones(len(self), bool) if component is None else self.component == component
+        names = list(dict.fromkeys(self.layer_name[keep].tolist()))
+        if not names:
+            raise ValueError(f"no site of component {component!r}; components here: "
+                             f"{sorted(set(self.component.tolist()))}")
+        per_head = bool((self.head[keep] >= 0).any())
+        if per_head and not (self.head[keep] >= 0).all():
+            raise ValueError("these sites mix per-head and whole-site rows: pick one component")
+        n_heads = int(self.head[keep].max()) + 1 if per_head else 0
+        out = np.full((len(names), self.n_tokens, n_heads) if per_head else (len(names), self.n_tokens), np.nan)
+        index = {name: i for i, name in enumerate(names)}
+        for i in np.flatnonzero(keep):
+            at = (index[self.layer_name[i]], self.position[i]) + ((self.head[i],) if per_head else ())
+            out[at] = values[i]
+        return names, out
+
+
 class LMStudioNeuroScopeClient:
     """A client of the activation server (OpenAI chat plus the activation endpoints)."""
 
@@ -804,13 +938,14 @@ class LMStudioNeuroScopeClient:
 
     # --- plumbing -------------------------------------------------------------------------
     def _raw(self, method: str, path: str, json_body: Any = None, stream: bool = False,
-             timeout: Any = None) -> requests.Response:
+             timeout: Any = None, headers: dict | None = None) -> requests.Response:
         url = self.base_url + path
-        kwargs: dict = {"timeout": self.timeout if timeout is None else timeout, "stream": stream}
+        kwargs: dict = {"timeout": self.timeout if timeout is None else timeout, "stream": stream,
+                        "headers": dict(headers or {})}
         if json_body is not None:
             if orjson is not None:
                 kwargs["data"] = orjson.dumps(json_body, option=orjson.OPT_SERIALIZE_NUMPY)
-                kwargs["headers"] = {"Content-Type": "application/json"}
+                kwargs["headers"]["Content-Type"] = "application/json"
             else:  # pragma: no cover
                 kwargs["json"] = json_body
         try:
@@ -981,6 +1116,18 @@ class LMStudioNeuroScopeClient:
 
         return read_capture_bytes(self._capture_bytes(_capture_id(capture)))
 
+    def logit_lens(self, capture: Any, top_k: int = 5, layers: Sequence[int] | None = None,
+                   positions: Sequence[int] | None = None) -> dict:
+        """POST /v1/activations/{id}/logit_lens: each captured residual-stream output (blocks.N.hook_resid_post)
+        read through the final norm and the unembedding, on the server -> {layers, positions, token_ids
+        [L][T][k], probs [L][T][k], strings {id: text}}. Only the top-k travel (docs/viz.md)."""
+        body: dict = {"top_k": top_k}
+        if layers is not None:
+            body["layers"] = [int(n) for n in layers]
+        if positions is not None:
+            body["positions"] = [int(p) for p in positions]
+        return self.request("POST", f"/v1/activations/{_capture_id(capture)}/logit_lens", body)
+
     # --- stored vectors -------------------------------------------------------------------
     def create_vector(self, vector: Any = None, *, name: str | None = None, layer: int | None = None,
                       data: bytes | str | None = None, dtype: str | None = None,
@@ -1056,6 +1203,37 @@ class LMStudioNeuroScopeClient:
         if name is not None:
             body["name"] = name
         return self.request("POST", "/v1/vectors", body).get("data", [])
+
+    # --- harvesting -----------------------------------------------------------------------
+    def harvest(self, hooks: Iterable[str], documents: Iterable | None = None, *, input_path: str | None = None,
+                wait: bool = False, poll_s: float = 0.5, **options) -> dict:
+        """POST /v1/harvest: start a job that writes every token's activations to Parquet shards in a
+        server-owned directory (the status' `out`; docs/harvest.md). `hooks`: TransformerLens names or
+        "layer_name:component"; `documents`: strings (raw text), {"text"} or {"messages"} objects, or
+        `input_path`: a .jsonl/.parquet file on the server. `options`: context, truncate, dtype,
+        shard_rows, max_tokens, shuffle, batch_size, batch_tokens. Returns the job's status; with
+        `wait`, polls until it ends (a failed job raises NeuroScopeError)."""
+        body: dict = {"hooks": [str(h) for h in hooks], **{k: v for k, v in options.items() if v is not None}}
+        if documents is not None:
+            body["documents"] = [{"text": d} if isinstance(d, str) else dict(d) for d in documents]
+        if input_path is not None:
+            body["input_path"] = str(input_path)
+        status = self.request("POST", "/v1/harvest", body)
+        while wait and status["state"] in ("running", "cancelling"):
+            time.sleep(poll_s)
+            status = self.harvest_status(status["id"])
+        if wait and status["state"] == "failed":
+            raise NeuroScopeError(f"harvest {status['id']} failed: {status['error']}")
+        return status
+
+    def harvest_status(self, job_id: str) -> dict:
+        """GET /v1/harvest/{id}: state (running, cancelling, completed, failed, cancelled), progress
+        (tokens_done, tokens_total, tokens_per_s, bytes_written, eta_s), error, result."""
+        return self.request("GET", f"/v1/harvest/{job_id}")
+
+    def cancel_harvest(self, job_id: str) -> dict:
+        """POST /v1/harvest/{id}/cancel: stop after the current forward; the finished shards stay."""
+        return self.request("POST", f"/v1/harvest/{job_id}/cancel")
 
     # --- interventions --------------------------------------------------------------------
     def compare_with_baseline(self, messages: Any = None, interventions: Iterable | None = None, *,
@@ -1186,6 +1364,38 @@ class LMStudioNeuroScopeClient:
         return PatchingResult(clean=clean_ld, corrupted=corrupted_ld, effects=effects, normalized=normalized,
                               site=site, layers=layer_list, heads=heads, hook_names=names, target=t, foil=f,
                               positions=positions)
+
+    # --- attribution patching -----------------------------------------------------------------
+    def attribution(self, clean: Any, corrupted: Any, metric: Any, sites: Iterable | None = None,
+                    method: str = "atp", verify_top: int | None = None, *, arrow: bool = True) -> AttributionResult:
+        """POST /v1/attribution (docs/attribution.md): every site's estimated effect on `metric` when the
+        corrupted run gets the clean run's activation there, from one backward pass.
+
+        `clean`, `corrupted`: raw text or token ids (no chat template), or a chat (a list of message
+        dicts); both must tokenize to the same length. `metric`: `(a, b)` for logit(a) - logit(b) at the
+        last position, an int `a` for log p(a), or the request's dict. `sites`: hook names or specs
+        (default: every layer's attention, MLP and residual output). `method`: "atp" or "atp*".
+        `verify_top`: also patch the K largest for real. `arrow`: take the answer as an Arrow stream
+        (compact for many rows) rather than JSON.
+
+            r = client.attribution("When John and Mary went to the store, John gave a drink to",
+                                   "When John and Mary went to the store, Mary gave a drink to", (mary, john),
+                                   verify_top=5)
+            names, grid = r.matrix("residual")  # [layers, positions]
+        """
+        body: dict = {"clean": _one_run(clean, "clean"), "corrupted": _one_run(corrupted, "corrupted"),
+                      "metric": _metric(metric), "method": method}
+        specs = _hooks([sites] if isinstance(sites, (str, dict)) else sites)
+        if specs is not None:
+            body["sites"] = specs
+        if verify_top is not None:
+            body["verify_top"] = int(verify_top)
+        if not arrow:
+            return AttributionResult.from_json(self.request("POST", "/v1/attribution", body))
+        resp = self._raw("POST", "/v1/attribution", body, headers={"Accept": ATTRIBUTION_ARROW})
+        if resp.headers.get("content-type", "").startswith(ATTRIBUTION_ARROW):
+            return AttributionResult.from_arrow(resp.content)
+        return AttributionResult.from_json(_loads(resp.content))  # a server without Arrow answers
 
     def _n_heads(self, model_id: str | None) -> int:
         models = self.list_models()

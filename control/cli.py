@@ -103,6 +103,10 @@ def add_harvest_parser(sub) -> None:
                    help="documents of similar length per forward at most (default 16)")
     h.add_argument("--batch-tokens", type=int, default=4096, metavar="N",
                    help="padded tokens (documents x the longest) per forward at most (default 4096)")
+    h.add_argument("--ray", metavar="ADDRESS", help="run the forwards on a Ray cluster (pip install nsbridge[ray]): "
+                   "'auto' joins the cluster on this machine or starts a local one; HOST:6379 or ray://HOST:10001 "
+                   "a remote one, whose nodes share --out (docs/harvest.md)")
+    h.add_argument("--ray-workers", type=int, metavar="N", help="model replicas (Ray actors); default one per node")
 
 
 def harvest_command(args) -> int:
@@ -121,13 +125,20 @@ def harvest_command(args) -> int:
         return fail("--max-tokens must be at least 1", 2)
     if args.batch_size < 1 or args.batch_tokens < 1:
         return fail("--batch-size and --batch-tokens must be at least 1", 2)
+    if args.ray_workers is not None and args.ray_workers < 1:
+        return fail("--ray-workers must be at least 1", 2)
+    if args.ray is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            return fail("--ray needs Ray: pip install 'nsbridge[ray]'", 2)
     try:
         check_readable(args.input)  # before loading the model
         lm = engine.load(args.model, args.model_id).lm
         options = HarvestOptions(hooks=args.hooks, context=args.context, truncate=args.truncate, dtype=args.dtype,
                                  shard_rows=args.shard_rows, max_tokens=args.max_tokens, shuffle=args.shuffle,
                                  batch_size=args.batch_size, batch_tokens=args.batch_tokens)
-        manifest = run_harvest(lm, args.input, args.out, options)
+        manifest = run_harvest(lm, args.input, args.out, options, ray=args.ray, ray_workers=args.ray_workers)
     except (InputError, StoreError, OSError) as exc:  # OSError: e.g. the disk filled up; finished shards stay
         return fail(str(exc))
     except EngineError as exc:

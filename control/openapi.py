@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from control.delivery import CAPTURE_ID_PATTERN, VECTOR_ID_PATTERN
 from control.schemas import (ActivationChatRequest, AttributionRequest, ChatRequest, CreateVectorRequest,
-                             LoadModelRequest, RegisterHooksRequest)
+                             LoadModelRequest, LogitLensRequest, RegisterHooksRequest)
 
 # handler name -> its request body
 BODIES = {
@@ -23,6 +23,7 @@ BODIES = {
     "register_hooks": RegisterHooksRequest,
     "create_vector": CreateVectorRequest,
     "attribution": AttributionRequest,
+    "logit_lens": LogitLensRequest,
 }
 # Path parameters: {name:convertor} in a route -> the id's pattern
 _PATH_IDS = {"capture_id": CAPTURE_ID_PATTERN, "vector_id": VECTOR_ID_PATTERN}
@@ -73,6 +74,8 @@ def openapi_spec(routes: list[Route]) -> dict:
     paths: dict = {}
     seen: set[str] = set()
     for route in routes:
+        if not route.include_in_schema:  # the viewer's page and files (GET /viz)
+            continue
         name = route.endpoint.__name__
         path = route.path
         for param in _PATH_IDS:

@@ -120,7 +120,8 @@ class AttributionRequest(BaseModel):
     sites: Optional[Annotated[list[HookSpec], Field(min_length=1, max_length=1024)]] = Field(
         None, description="hook specs (layer_name, component); default: every layer's attention, mlp and residual "
                           "output")
-    method: Literal[METHODS] = Field("atp", description="atp: the gradient estimate ('atp*' is not implemented yet)")
+    method: Literal[METHODS] = Field("atp", description="atp: the gradient estimate; atp*: AtP* (Kramar et al. 2024): "
+                                                      "the QK fix for query and key sites, and a GradDrop score per row")
     verify_top: Optional[Annotated[int, Field(ge=0, le=256)]] = Field(
         None, description="also patch the K sites and positions with the largest |estimate| for real")
 
@@ -195,3 +196,44 @@ class CreateVectorRequest(BaseModel):
         if given[0] == "data" and self.dtype is None:
             raise InvalidRequest("'data' needs a 'dtype': float32, float16 or bfloat16", "dtype")
         return given[0]
+
+
+class LogitLensRequest(BaseModel):
+    """The logit lens of a live capture (docs/viz.md): each captured residual-stream output read through the
+    final norm and the unembedding; only the top-k tokens and probabilities come back."""
+
+    model_config = _CLOSED
+    top_k: Annotated[int, Field(ge=1, le=100)] = Field(5, description="tokens per layer and position")
+    layers: Optional[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1024)]] = Field(
+        None, description="layers whose residual output the capture holds; default: all of them")
+    positions: Optional[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]] = Field(
+        None, description="token positions; default: every captured row")
+
+
+class HarvestDocument(BaseModel):
+    """One document: raw `text`, or a chat (`messages`, rendered with the model's chat template)."""
+
+    model_config = _CLOSED
+    text: Optional[str] = None
+    messages: Optional[Annotated[list[Message], Field(min_length=1)]] = None
+
+
+class HarvestRequest(BaseModel):
+    """A harvest job (docs/harvest.md): activations of every token of the documents into Parquet
+    shards in a server-owned directory. Exactly one of `input_path` or `documents`."""
+
+    model_config = _CLOSED
+    hooks: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=4096)] = Field(
+        description="TransformerLens names (blocks.3.hook_resid_post) or layer_name:component; each names a column")
+    input_path: Optional[str] = Field(None, pattern=r"^[^\x00]+$", description="a .jsonl or .parquet file on the "
+                                      "server, under a directory clients may load models from")
+    documents: Optional[Annotated[list[HarvestDocument], Field(min_length=1)]] = None
+    context: Optional[Annotated[int, Field(ge=1)]] = Field(None, description="tokens per document at most "
+                                                           "(default: 1024 or the model's context, if smaller)")
+    truncate: StrictBool = Field(False, description="cut documents longer than `context` (otherwise an error)")
+    dtype: Literal["float32", "float16"] = "float32"
+    shard_rows: Annotated[int, Field(ge=1)] = Field(65536, description="rows (tokens) per shard at most")
+    max_tokens: Optional[Annotated[int, Field(ge=1)]] = Field(None, description="stop after this many tokens")
+    shuffle: Optional[Annotated[int, Field(ge=0)]] = Field(None, description="seed: rows permuted across all shards")
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="documents per forward at most")
+    batch_tokens: Annotated[int, Field(ge=1)] = Field(4096, description="padded tokens per forward at most")

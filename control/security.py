@@ -246,14 +246,22 @@ class BodyGuard:
 
 
 # --- API key ----------------------------------------------------------------------------------
+# Paths served without the API key: liveness, and the viewer's static files (a browser navigating to
+# /viz cannot send a token; the page holds no data and asks for the key before it fetches any).
+PUBLIC_PATHS = ("/health", "/viz")
+PUBLIC_PREFIXES = ("/viz/",)
+
+
 class APIKeyMiddleware:
-    """Bearer-token check for every route but /health and preflights (a browser sends no token there)."""
+    """Bearer-token check for every route but the public paths and preflights (a browser sends no token there)."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        path = scope.get("path", "")
+        public = path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+        if scope["type"] == "http" and not public and scope["method"] != "OPTIONS":
             auth = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
             if not secrets.compare_digest(auth, self.expected):  # bytes: any header compares, in constant time
                 await refuse(scope, send, 401, "invalid_api_key",

@@ -12,6 +12,7 @@ For same-host Python (a notebook, a script) and for control/, which serves it ov
     out.logprobs[0].top, out.logprobs[0].targets  # [(token id, log-probability), ...]
     for event in model.stream(prompt="Once upon a time", max_tokens=8):
         print(event.text, end="")
+    outs = model.generate_many([{"prompt": t, "max_tokens": 16} for t in texts])  # decoded together
 
 `generate`/`stream` are conveniences over the two steps control/ uses: `plan(...)` resolves
 and checks a request (no MLX work; any thread) and `run(plan)` generates (one thread at a
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from engine.attribution import AttributionPlan, plan_attribution, run_attribution
+from engine.batch import Batch, batchable
 from engine.errors import InvalidArgument
 from engine.generate import Completion, TokenEvent, generate
 from engine.hooks import hook_points, resolve_hook
@@ -129,11 +131,12 @@ class Model:
         return plan_attribution(self.lm, clean=clean, corrupted=corrupted, metric=metric, sites=sites, method=method,
                                 verify_top=verify_top)
 
-    def run_attribution(self, plan: AttributionPlan) -> dict:
-        """Run a planned attribution (the MLX thread): clean/corrupted metrics, estimates, verified patches."""
+    def run_attribution(self, plan: AttributionPlan, deadline: float | None = None) -> dict:
+        """Run a planned attribution (the MLX thread): clean/corrupted metrics, estimates, verified patches.
+        Verifying patches not started by `deadline` (time.monotonic()) are skipped (`patched`: None)."""
         if plan.lm is not self.lm:
             raise InvalidArgument("this plan was made for another model; plan it again on this one", "plan")
-        return run_attribution(plan)
+        return run_attribution(plan, deadline)
 
     def attribute(self, *, clean: dict, corrupted: dict, metric: Any, sites: Iterable[HookSpec | dict] | None = None,
                   method: str = "atp", verify_top: int | None = None) -> dict:
@@ -143,6 +146,14 @@ class Model:
         attention, mlp and residual output). -> {clean_metric, corrupted_metric, attributions, verified?}."""
         return self.run_attribution(self.plan_attribution(clean=clean, corrupted=corrupted, metric=metric, sites=sites,
                                                           method=method, verify_top=verify_top))
+
+    # --- logit lens -------------------------------------------------------------------------
+    def logit_lens(self, residuals: Any, top_k: int = 5):
+        """Residuals [layers, positions, d_model] (numpy or MLX) read through the final norm and the
+        unembedding (engine.lens) -> (token ids [L, T, k], probabilities [L, T, k]). The MLX thread."""
+        from engine.lens import logit_lens
+
+        return logit_lens(self.lm, residuals, top_k)
 
     # --- generation -------------------------------------------------------------------------
     def plan(self, *, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
@@ -176,17 +187,55 @@ class Model:
         step) are LogprobOptions': each event's `logprob`. `interventions` (InterventionSpecs or
         dicts) change tensors on every step; patches copy from `sources`
         (`engine.interventions.sources_from(earlier.capture)`)."""
+        return self.run(self._plan_kwargs(messages, prompt, hooks, positions, dtype, logprobs=logprobs,
+                                          top_logprobs=top_logprobs, logprob_token_ids=logprob_token_ids,
+                                          interventions=interventions, sources=sources, **sampling))
+
+    def generate_many(self, requests: Iterable[dict], max_batch_size: int = 16) -> list[Completion]:
+        """Many requests decoding together (continuous batching, engine/batch.py): each dict
+        holds `generate`'s keyword arguments; all are planned (checked) first. Completions in
+        request order, each what `generate` gives that request alone. A model that cannot
+        batch (`engine.batch.batchable`) generates them one by one."""
+        plans = [self._plan_kwargs(**r) for r in requests]
+        if not batchable(self.lm):
+            return [self._last(self.run(p)).result for p in plans]
+        results: dict[int, Completion] = {}
+        errors: list[BaseException] = []
+        batch, waiting = Batch(self.lm), list(enumerate(plans))[::-1]
+
+        def done(i: int, result: Completion | None, error: BaseException | None) -> None:
+            results[i] = result
+            if error is not None:
+                errors.append(error)
+
+        while waiting or len(batch):
+            while waiting and len(batch) < max_batch_size and not errors:
+                i, plan = waiting.pop()
+                batch.add(plan, lambda event: None, lambda r, e, i=i: done(i, r, e), lambda: bool(errors))
+            if errors:
+                raise errors[0]
+            batch.step()
+        return [results[i] for i in range(len(plans))]
+
+    def _plan_kwargs(self, messages: list[dict] | None = None, prompt: str | list[int] | None = None,
+                     hooks: Iterable[HookSpec | dict] | None = REGISTERED, positions: str = "all",
+                     dtype: str = "float32", *, logprobs: bool = False, top_logprobs: int = 0,
+                     logprob_token_ids: Iterable[int] = (), interventions: Iterable[InterventionSpec | dict] | None = None,
+                     sources: Sources | None = None, **sampling: Any) -> GenerationPlan:
         options = self._logprob_options(logprobs, top_logprobs, logprob_token_ids)
-        return self.run(self._plan(messages, prompt, hooks, positions, dtype, sampling, options, interventions,
-                                   sources))
+        return self._plan(messages, prompt, hooks, positions, dtype, sampling, options, interventions, sources)
+
+    @staticmethod
+    def _last(events: Iterator[TokenEvent]) -> TokenEvent:
+        event = None
+        for event in events:
+            pass
+        return event
 
     def generate(self, *args: Any, **kwargs: Any) -> Completion:
         """`stream` (same arguments) to the end: the Completion (text, token ids, finish reason,
         activations, log-probabilities, and `interventions`: each one's positions touched per step)."""
-        event = None
-        for event in self.stream(*args, **kwargs):
-            pass
-        return event.result
+        return self._last(self.stream(*args, **kwargs)).result
 
     @staticmethod
     def _logprob_options(logprobs, top_logprobs, logprob_token_ids) -> LogprobOptions:

@@ -1,10 +1,11 @@
-"""Activation harvesting to Parquet shards (`nsbridge harvest`); MLX-free except `harvest.job`.
+"""Activation harvesting to Parquet shards (`nsbridge harvest`, `POST /v1/harvest`).
 
 - `harvest.inputs`: documents from JSONL or Parquet (`{"text": ...}` or `{"messages": [...]}`).
 - `harvest.store`: the output directory: Parquet shards written atomically, a progress file
-  for resuming, and `_manifest.json` written last.
+  for resuming, the shuffle pass, and `_manifest.json` written last.
 - `harvest.job`: one job end to end (input -> engine.harvest -> store), resumable.
+- `harvest.ray_job`: the same job's forwards on a Ray cluster (the optional extra `ray`).
 
-Kept apart from engine/ (models, generation, capture) because the files are plain Arrow and
-JSON: readers, and later workers that only write shards, need neither MLX nor a model.
+Kept apart from engine/ (models, generation, capture) because `inputs` and `store` are plain
+Arrow and JSON, MLX-free: readers need neither MLX nor a model. docs/harvest.md is the guide.
 """

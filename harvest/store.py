@@ -3,6 +3,9 @@
     DIR/shard-00000.parquet ...   one row per token (see engine/harvest.py for the columns)
     DIR/_progress.json            while the job runs: the job's identity and the finished shards
     DIR/_manifest.json            written last, when the job is complete
+    DIR/_stage-00000.arrow ...    shuffled jobs only, while they run: the unshuffled shards (Arrow
+                                  IPC files, memory-mapped by the final pass that writes the
+                                  shuffled Parquet shards), deleted after the manifest
 
 Every file appears atomically: written under a hidden temporary name (`.tmp-...`), fsynced,
 renamed, and the directory fsynced. A shard is listed in `_progress.json` only once it is
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -28,6 +32,7 @@ FORMAT = "nsbridge.harvest/1"
 MANIFEST = "_manifest.json"
 PROGRESS = "_progress.json"
 TMP_PREFIX = ".tmp-"
+STAGE_PREFIX = "_stage-"
 
 
 class StoreError(Exception):
@@ -36,6 +41,10 @@ class StoreError(Exception):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
+
+
+def stage_name(index: int) -> str:
+    return f"{STAGE_PREFIX}{index:05d}.arrow"
 
 
 def file_sha256(path: Path) -> str:
@@ -56,12 +65,16 @@ def _fsync_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     tmp = path.with_name(TMP_PREFIX + path.name)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: the previous version stays
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -101,6 +114,7 @@ class ShardStore:
             manifest = self._read(manifest_path)
             self._same_job(manifest.get("job"), manifest_path)
             self.state = State(shards=list(manifest["shards"]), manifest=manifest)
+            self._drop_stage()  # a shuffled job stopped after its manifest, before this cleanup
             return self.state
         if progress_path.exists():
             progress = self._read(progress_path)
@@ -116,7 +130,7 @@ class ShardStore:
             write_json_atomic(progress_path, {"format": FORMAT, "job": self.job, "shards": []})
         listed = {s["file"] for s in self.state.shards}
         for p in out.iterdir():  # half-written files, and shards written but never listed
-            if p.name.startswith(TMP_PREFIX) or (p.name.startswith("shard-") and p.name not in listed):
+            if p.name.startswith(TMP_PREFIX) or (p.name.startswith(("shard-", STAGE_PREFIX)) and p.name not in listed):
                 p.unlink()
         for s in self.state.shards:
             path = out / s["file"]
@@ -125,13 +139,54 @@ class ShardStore:
                                  "directory was changed by something else: start again in a new directory")
         return self.state
 
-    def write_shard(self, table: pa.Table, info: dict) -> dict:
-        """Write the next shard durably, then list it in the progress file; returns its entry."""
-        name = shard_name(len(self.state.shards))
+    def write_shard(self, table: pa.Table, info: dict, staged: bool = False) -> dict:
+        """Write the next shard durably, then list it in the progress file; returns its entry.
+        `staged`: an unshuffled Arrow IPC shard for `write_shuffled`, hidden from readers."""
+        return self.add({**self.write_file(len(self.state.shards), table, staged), **info})
+
+    def write_file(self, index: int, table: pa.Table, staged: bool = False) -> dict:
+        """Write shard `index` durably without listing it (a Ray worker's part; the driver lists
+        it with `add`); returns its file entry."""
+        return self._write(stage_name(index) if staged else shard_name(index), table, ipc=staged)
+
+    def add(self, entry: dict) -> dict:
+        """List the next shard, already on disk, in the progress file."""
+        expected = (stage_name if entry["file"].startswith(STAGE_PREFIX) else shard_name)(len(self.state.shards))
+        if entry["file"] != expected:
+            raise StoreError(f"shard {entry['file']} listed out of order (expected {expected})")
+        self.state.shards.append(entry)
+        write_json_atomic(self.out / PROGRESS, {"format": FORMAT, "job": self.job, "shards": self.state.shards})
+        return entry
+
+    def write_shuffled(self, seed: int, shard_rows: int, after_shard=None) -> list[dict]:
+        """The staged shards' rows, permuted with `seed` across the whole job, as Parquet shards of
+        `shard_rows` rows; returns their entries. Only one output shard's rows are in memory at a
+        time (the staged files are memory-mapped). Deterministic, so a job stopped here redoes it."""
+        tables = [pa.ipc.open_file(pa.memory_map(str(self.out / s["file"]))).read_all() for s in self.state.shards]
+        starts = np.cumsum([0] + [t.num_rows for t in tables])
+        order = np.random.default_rng(seed).permutation(int(starts[-1]))
+        entries = []
+        for j, first in enumerate(range(0, len(order), shard_rows)):
+            want = order[first:first + shard_rows]
+            src = np.searchsorted(starts, want, side="right") - 1  # staged shard of each row
+            by_src = np.argsort(src, kind="stable")
+            parts = [tables[k].take(pa.array(want[by_src][src[by_src] == k] - starts[k])) for k in np.unique(src)]
+            rows = pa.concat_tables(parts).take(pa.array(np.argsort(by_src)))  # back into permuted order
+            entries.append(self._write(shard_name(j), rows, ipc=False))
+            if after_shard is not None:
+                after_shard(entries[-1])
+        return entries
+
+    def _write(self, name: str, table: pa.Table, ipc: bool) -> dict:
+        """Write `name` atomically (temporary file, fsync, rename, directory fsync)."""
         final, tmp = self.out / name, self.out / (TMP_PREFIX + name)
         try:
             with open(tmp, "wb") as f:
-                pq.write_table(table, f)
+                if ipc:
+                    with pa.ipc.new_file(f, table.schema) as writer:
+                        writer.write_table(table)
+                else:
+                    pq.write_table(table, f)
                 f.flush()
                 os.fsync(f.fileno())
             checksum = file_sha256(tmp)
@@ -140,19 +195,24 @@ class ShardStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        entry = {"file": name, "rows": table.num_rows, "bytes": final.stat().st_size, "sha256": checksum, **info}
-        self.state.shards.append(entry)
-        write_json_atomic(self.out / PROGRESS, {"format": FORMAT, "job": self.job, "shards": self.state.shards})
-        return entry
+        return {"file": name, "rows": table.num_rows, "bytes": final.stat().st_size, "sha256": checksum}
 
-    def finish(self, manifest: dict) -> dict:
-        """Write `_manifest.json` (the job and the shard list added), then drop the progress file."""
-        manifest = {"format": FORMAT, **manifest, "job": self.job, "shards": self.state.shards}
+    def finish(self, manifest: dict, shards: list[dict] | None = None) -> dict:
+        """Write `_manifest.json` (the job and the shard list added: `shards`, default the
+        finished ones), then drop the progress file and any staged shards."""
+        manifest = {"format": FORMAT, **manifest, "job": self.job,
+                    "shards": self.state.shards if shards is None else shards}
         write_json_atomic(self.out / MANIFEST, manifest)
         (self.out / PROGRESS).unlink(missing_ok=True)
+        self._drop_stage()
         _fsync_dir(self.out)
-        self.state.manifest = manifest
+        self.state = State(shards=manifest["shards"], manifest=manifest)
         return manifest
+
+    def _drop_stage(self) -> None:
+        for p in self.out.iterdir():
+            if p.name.startswith(STAGE_PREFIX):
+                p.unlink()
 
     def _read(self, path: Path) -> dict:
         try:

@@ -70,6 +70,17 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array.view(mx.uint16))
 
 
+def _readable(arrays: Sequence[Any]) -> Sequence[Any]:
+    """`arrays` as numpy can take them. numpy reads an MLX array's buffer itself, inside its
+    own C loop: about a third of the cost of a Python-level view per array, which is what a
+    long generation costs (one small array per hook per decode step). bfloat16 has no buffer
+    format numpy knows: those arrays become their uint16 bits one by one (`to_numpy`)."""
+    first = arrays[0]
+    if isinstance(first, np.ndarray) or memoryview(first).format != "bfloat16":
+        return arrays
+    return [to_numpy(a) for a in arrays]
+
+
 def stack_token_major(component: str, arrays: Sequence[Any], key_pad_to: int | None = None, *,
                       out: np.ndarray | None = None) -> np.ndarray:
     """One hook's per-step arrays (engine layout: tokens on the component's `token_axis`) as
@@ -80,19 +91,24 @@ def stack_token_major(component: str, arrays: Sequence[Any], key_pad_to: int | N
     given (its last axis is then the padded key length); otherwise the result may be a view
     of the only input when that needs no copy."""
     comp = COMPONENTS[component]
-    srcs = [to_numpy(a) for a in arrays]
-    if not srcs:
+    if not len(arrays):
         raise ValueError(f"no arrays to stack for component {component!r}")
-    if comp.token_axis:
-        srcs = [np.moveaxis(a, comp.token_axis, 0) for a in srcs]  # strided views; the copy transposes
+    axis = comp.token_axis
     if comp.key_pad is None:
+        srcs = _readable(arrays)
         if out is None:
-            return np.concatenate(srcs, axis=0) if len(srcs) > 1 else np.ascontiguousarray(srcs[0])
-        if len(srcs) == 1:
-            np.copyto(out, srcs[0])
-        else:  # one C loop over all steps (decode steps are one row each)
-            np.concatenate(srcs, axis=0, out=out)
+            if len(srcs) == 1 and not axis:
+                return np.ascontiguousarray(np.asarray(srcs[0]))
+            first = np.asarray(srcs[0])
+            rows = sum(int(a.shape[axis]) for a in srcs)
+            out = np.empty((rows, *first.shape[:axis], *first.shape[axis + 1 :]), first.dtype)
+        # One C loop over all steps, transposing as it copies: the token axis of `out` moved
+        # to where the steps have it.
+        np.concatenate(srcs, axis=axis, out=np.moveaxis(out, 0, axis) if axis else out)
         return out
+    srcs = [to_numpy(a) for a in arrays]
+    if axis:
+        srcs = [np.moveaxis(a, axis, 0) for a in srcs]  # strided views; the copy transposes
     if out is None:
         n_keys = max(a.shape[-1] for a in srcs)
         if key_pad_to is not None:

@@ -16,14 +16,20 @@ stream. pyarrow serialises the stream's framing (schema, batch header, the small
 columns) while each hook's values buffer is a *placeholder*: a sink that records pyarrow's
 writes notes where that buffer lands, which also gives the exact stream size before any
 segment is taken. The framing bytes are then replayed into the segment and every step's
-array is copied into its rows (`shm.format.stack_token_major`: transposed token-major,
-attention keys padded, in the same single pass).
+array is copied into its rows: as bytes where they already are its rows (runs of one-token
+decode steps joined in C, through a temporary of at most about `_JOIN_BYTES` that stays in
+cache), else by `shm.format.stack_token_major` (transposed token-major, attention keys
+padded, in the same single pass). Per step, the writer only reads attributes: a generation
+of many steps costs about what a memcpy of each array costs, and leaves no objects behind
+for the garbage collector to scan.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +54,11 @@ from vocabulary import COMPONENTS
 @dataclass
 class _Hook:
     record: Any  # a hook as the module docstring describes it
-    arrays: list[np.ndarray]  # per step, views of MLX memory in the record's own layout
+    arrays: list[Any]  # per step, the record's own (evaluated) MLX or numpy arrays
     dtype: str  # logical
     shape: tuple[int, ...]  # per token, token-major
     nbytes: int
-    layout: list[tuple[int, int, int]]  # (step, start, n_tokens) per step
+    layout: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (steps, starts, n_tokens): one each per step
 
 
 @dataclass
@@ -74,12 +80,12 @@ def _logical_dtype(record: Any, arr: np.ndarray) -> str:
 
 
 def _eval_mlx(capture: Any) -> None:
-    """Evaluate all pending MLX arrays in one call rather than one graph at a time."""
-    pending = [s.array for h in capture.hooks for s in h.steps if type(s.array).__module__.startswith("mlx")]
-    if pending:
+    """Evaluate all pending MLX arrays in one call rather than one graph at a time (mx.eval
+    skips numpy arrays, so only each hook's first step is looked at)."""
+    if any(h.steps and type(h.steps[0].array).__module__.startswith("mlx") for h in capture.hooks):
         import mlx.core as mx
 
-        mx.eval(*pending)
+        mx.eval([s.array for h in capture.hooks for s in h.steps])
 
 
 def _rows(hooks: list[_Hook]) -> tuple[np.ndarray, np.ndarray]:
@@ -93,29 +99,42 @@ def _rows(hooks: list[_Hook]) -> tuple[np.ndarray, np.ndarray]:
                 f"hook {h.record.hook_id!r} covers different steps/tokens than hook "
                 f"{hooks[0].record.hook_id!r}; every hook of a capture must see the same forward passes"
             )
-    steps = np.concatenate([np.full(n, step, np.int32) for step, _, n in layout])
-    pos = np.concatenate([np.arange(start, start + n, dtype=np.int32) for _, start, n in layout])
+    step, start, n = (np.array(col, np.int64) for col in layout)
+    first_row = np.cumsum(n) - n
+    steps = np.repeat(step, n).astype(np.int32)
+    pos = (np.arange(n.sum()) + np.repeat(start - first_row, n)).astype(np.int32)
     return steps, pos
 
 
+_ARRAY, _STEP, _START = (operator.attrgetter(a) for a in ("array", "step", "start"))
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+
+
 def _hook_plan(record: Any) -> _Hook:
-    """Numpy views of every step (no copy) and the per-token shape, validated."""
-    arrays = [to_numpy(s.array) for s in record.steps]
-    if not arrays:
+    """The per-token shape and the rows of every step, validated. Only the first step is
+    viewed through numpy (for its dtype); the others are read by attribute (shape, dtype), in
+    C loops (`map`): a long generation has one small array per hook per step, and there a
+    numpy view of each cost more than copying it."""
+    steps = record.steps
+    if not steps:
         raise ValueError(f"hook {record.hook_id!r} captured no steps")
+    arrays = list(map(_ARRAY, steps))
     comp = COMPONENTS.get(record.component)
     if comp is None:
         raise ValueError(f"hook {record.hook_id!r}: unknown component {record.component!r}; "
                          f"valid: {', '.join(COMPONENTS)}")
     ndim = 1 + len(comp.sizes)
     axis = comp.token_axis
-    dtype = _logical_dtype(record, arrays[0])
-    shapes = {(a.shape, a.dtype) for a in arrays}  # decode steps share one shape: cheap check
-    if any(len(sh) != ndim for sh, _ in shapes):
+    dtype = _logical_dtype(record, to_numpy(arrays[0]))
+    step_shapes = list(map(_SHAPE, arrays))
+    shapes = set(step_shapes)  # decode steps share one shape: cheap check
+    if any(len(sh) != ndim for sh in shapes):
         raise ValueError(f"hook {record.hook_id!r} ({record.component}): expected {ndim}-d arrays, got {sorted(shapes)}")
-    if len({dt for _, dt in shapes}) != 1:
+    # MLX and numpy dtypes never compare equal: a list mixing the two asks numpy (which
+    # also sees MLX bfloat16 and numpy's uint16 bits as the same storage).
+    if len(set(map(_DTYPE, arrays))) != 1 and len({to_numpy(a).dtype for a in arrays}) != 1:
         raise ValueError(f"hook {record.hook_id!r}: dtype changes between steps")
-    rests = {sh[:axis] + sh[axis + 1 :] for sh, _ in shapes}
+    rests = {sh[:axis] + sh[axis + 1 :] for sh in shapes}
     if comp.key_pad is not None:  # the key axis grows per step: pad to the longest
         if len({r[:-1] for r in rests}) != 1:
             raise ValueError(f"hook {record.hook_id!r}: head count changes between steps")
@@ -124,8 +143,9 @@ def _hook_plan(record: Any) -> _Hook:
         raise ValueError(f"hook {record.hook_id!r}: per-token shape changes between steps ({sorted(rests)})")
     else:
         rest = next(iter(rests))
-    layout = [(s.step, s.start, a.shape[axis]) for s, a in zip(record.steps, arrays)]
-    n_rows = sum(n for _, _, n in layout)
+    n_tokens = tuple(map(operator.itemgetter(axis), step_shapes))
+    layout = (tuple(map(_STEP, steps)), tuple(map(_START, steps)), n_tokens)
+    n_rows = sum(n_tokens)
     nbytes = n_rows * math.prod(rest) * STORAGE[dtype][0].itemsize
     return _Hook(record, arrays, dtype, rest, nbytes, layout)
 
@@ -133,7 +153,7 @@ def _hook_plan(record: Any) -> _Hook:
 def stored_shape(record: Any) -> tuple[int, ...]:
     """The hook's array as the stream stores it: (rows, *per-token shape), token-major, keys padded."""
     hook = _hook_plan(record)
-    return (sum(n for _, _, n in hook.layout), *hook.shape)
+    return (sum(hook.layout[2]), *hook.shape)
 
 
 class _RecordingSink:
@@ -232,10 +252,51 @@ def plan_capture(capture: Any) -> Plan:
     return Plan(schema, hooks, n_rows, sink.pos, sink.chunks)
 
 
+# Bytes of steps joined at a time: the temporary stays small enough to be in cache when it
+# is copied on, and no more than this (plus one step) is ever held twice.
+_JOIN_BYTES = 1 << 20
+
+
 def _fill_hook(dst: np.ndarray, hook: _Hook, n_rows: int) -> None:
-    """Copy every step of one hook into its [rows, *shape] values buffer (`dst`, uint8)."""
+    """Copy every step of one hook into its [rows, *shape] values buffer (`dst`, uint8).
+
+    A step whose bytes already are its rows (tokens on axis 0, or a single token) is copied
+    as bytes: runs of such steps are joined by `bytes.join` (one C loop of memcpy, about
+    `_JOIN_BYTES` at a time) and copied on in one piece. For many small decode steps the
+    per-array overhead, not the bytes, was the cost: a numpy view of each step cost more than
+    copying it. Steps whose rows need a transpose (a prefill of Q/K/V), strided views (which
+    `bytes.join` refuses) and key-padded components go through `stack_token_major`, which
+    transposes and pads as it copies."""
     out = dst.view(STORAGE[hook.dtype][0]).reshape((n_rows, *hook.shape))
-    stack_token_major(hook.record.component, hook.arrays, out=out)
+    component = hook.record.component
+    comp = COMPONENTS[component]
+    if comp.key_pad is not None or not hook.nbytes:
+        stack_token_major(component, hook.arrays, out=out)
+        return
+    arrays = hook.arrays
+    rows = hook.layout[2]
+    row_bytes = hook.nbytes // n_rows
+    first_row = list(itertools.accumulate(rows, initial=0))  # of each step, and the end
+    others = [i for i, n in enumerate(rows) if n != 1] if comp.token_axis else []  # to transpose
+    edges = {0, len(arrays), *others, *(i + 1 for i in others)}
+    per_join = max(1, _JOIN_BYTES // row_bytes)
+    if n_rows > per_join:  # cut the runs near every per_join rows
+        edges.update(np.searchsorted(first_row, np.arange(per_join, n_rows, per_join)).tolist())
+    edges = sorted(edges)
+    others = set(others)
+    flat = memoryview(dst)
+    for a, b in zip(edges, edges[1:]):
+        if a in others:
+            stack_token_major(component, [arrays[a]], out=out[first_row[a] : first_row[b]])
+            continue
+        start, end = first_row[a] * row_bytes, first_row[b] * row_bytes
+        if end == start:
+            continue
+        try:  # bytes.join and cast take only C-contiguous buffers: a strided step raises
+            flat[start:end] = memoryview(arrays[a]).cast("B") if b == a + 1 else b"".join(map(memoryview, arrays[a:b]))
+        except (BufferError, TypeError):
+            for i in range(a, b):
+                stack_token_major(component, [arrays[i]], out=out[first_row[i] : first_row[i + 1]])
 
 
 def write_plan(plan: Plan, dst: np.ndarray) -> None:

@@ -472,3 +472,19 @@ def test_a_model_that_cannot_batch_serves_one_at_a_time(tmp_path_factory):
         assert max(seen) == 0  # never in a batch
     finally:
         s.stop()
+
+
+def test_generate_many_equals_generate(tiny_llama):
+    """The engine API's batched form: each request's Completion is what `generate` gives it."""
+    from engine.errors import InvalidArgument
+
+    model = Model(tiny_llama)
+    requests = [{"prompt": PROMPTS[i], "max_tokens": 4 + 2 * i, "temperature": 0,
+                 "hooks": all_hooks(model, layers=[i % 3])} for i in range(4)]
+    requests.append({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0.8,
+                     "seed": 3, "hooks": None, "logprobs": True})
+    many = model.generate_many(requests, max_batch_size=2)
+    for got, kwargs in zip(many, requests):
+        assert_same(got, model.generate(**kwargs))
+    with pytest.raises(InvalidArgument):  # planned (checked) before anything runs
+        model.generate_many([requests[0], {"prompt": "x", "max_tokens": 0}])

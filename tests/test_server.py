@@ -890,6 +890,8 @@ def _app_operations(tmp_path) -> set[tuple[str, str]]:
         ops = set()
         for route in app.routes:
             assert isinstance(route, Route), route
+            if not route.include_in_schema:  # the viewer's page and files (GET /viz), not API operations
+                continue
             path = re.sub(r"\{(\w+):\1\}", r"{\1}", route.path)  # the id convertors are ours
             ops |= {(path, m) for m in route.methods - {"HEAD"}}
         return ops
