@@ -170,9 +170,14 @@ class ModelService:
                     _settle(item.done, item.fn, *item.args)
                 else:
                     self._waiting.append(item)
-            self._admit()
-            if self._batch:
-                self._batch.step()
+            try:
+                self._admit()
+                if self._batch:
+                    self._batch.step()
+            except Exception as exc:  # a bug: the requests in the batch fail with it, the worker goes on
+                log.exception("the batch failed")
+                if self._batch:
+                    self._batch.cancel_all(exc)
         stopped = RuntimeError("the server is shutting down")
         if self._batch:
             self._batch.cancel_all(stopped)

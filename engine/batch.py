@@ -138,16 +138,21 @@ class Batch:
             for r in failed:
                 r.on_done(None, exc)
             return
-        finished = []
+        finished, failed = [], []
         for r, token in zip(rows, drawn):
             final = r.gen.finish is not None  # this was its last token's own step
             r.token = r.gen.forward.advance(1, token)
             if final:
                 finished.append(r)
-            else:
+                continue
+            try:
                 self._after_step(r, r.token)
-                if r.gen.finish is not None and not r.gen.needs_final_step:
-                    finished.append(r)
+            except Exception as exc:  # its owner's callback failed: it leaves with that error
+                failed.append((r, exc))
+                continue
+            if r.gen.finish is not None and not r.gen.needs_final_step:
+                finished.append(r)
+        self._leave([r for r, _ in failed], cancelled=True, errors=[e for _, e in failed])
         self._leave(finished, cancelled=False)
 
     def cancel_all(self, exc: BaseException) -> None:
@@ -162,11 +167,17 @@ class Batch:
             row.on_event(event)
 
     def _finish(self, row: Row) -> None:
-        event = row.gen.final_event()
-        row.on_event(event)
+        try:
+            event = row.gen.final_event()
+            row.on_event(event)
+        except Exception as exc:  # e.g. its owner's callback failed
+            row.on_done(None, exc)
+            return
         row.on_done(event.result, None)
 
-    def _leave(self, leaving: list[Row], cancelled: bool) -> None:
+    def _leave(self, leaving: list[Row], cancelled: bool, errors: list[BaseException] | None = None) -> None:
+        """Take rows out of the batch; they end cancelled (with `errors`, one per row, if given)
+        or finished (their last event and Completion)."""
         if not leaving:
             return
         gone = {id(r) for r in leaving}
@@ -177,8 +188,8 @@ class Batch:
                 c.filter(mx.array(keep))
         else:
             self._cache = None
-        for r in leaving:
+        for i, r in enumerate(leaving):
             if cancelled:
-                r.on_done(None, None)
+                r.on_done(None, errors[i] if errors else None)
             else:
                 self._finish(r)

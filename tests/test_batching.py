@@ -488,3 +488,22 @@ def test_generate_many_equals_generate(tiny_llama):
         assert_same(got, model.generate(**kwargs))
     with pytest.raises(InvalidArgument):  # planned (checked) before anything runs
         model.generate_many([requests[0], {"prompt": "x", "max_tokens": 0}])
+
+
+def test_a_callback_failing_mid_generation_ends_only_its_request(tiny_llama):
+    model = Model(tiny_llama)
+    plans = [plan_for(model, i, all_hooks(model, layers=[0]), max_tokens=8) for i in range(3)]
+    batch, out = Batch(model.lm), {}
+
+    def fail_at_third(event):
+        if event.index == 2:
+            raise RuntimeError("client went away")
+
+    for k, plan in enumerate(plans):
+        batch.add(plan, fail_at_third if k == 1 else (lambda e: None),
+                  lambda r, e, k=k: out.__setitem__(k, (r, e)), lambda: False)
+    while len(batch):
+        batch.step()
+    assert out[1][0] is None and isinstance(out[1][1], RuntimeError)
+    for k in (0, 2):
+        assert_same(out[k][0], alone(model, plans[k]))
