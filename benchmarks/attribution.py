@@ -1,6 +1,6 @@
 """Attribution patching (atp, atp*) against the exhaustive activation-patching sweep, on the default model.
 
-    python -m benchmarks.attribution [--quick] [--runs N] [--positions all|changed]
+    python -m benchmarks.attribution [--quick] [--runs N] [--positions all|changed] [--rows-out FILE]
 
 The indirect-object pair of docs/attribution.md on SmolLM2-135M-Instruct (float32, CPU): clean "When John
 and Mary went to the store, John gave a drink to", corrupted the same with the second "John" replaced by
@@ -26,6 +26,7 @@ both estimates. Writes benchmarks/results/attribution.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", type=int, default=3, help="timed runs of each method (median)")
     ap.add_argument("--positions", choices=("all", "changed"), default="all",
                     help="the sweep's positions (changed: from the first differing token; the rest are 0)")
+    ap.add_argument("--rows-out", help="also write every row's estimates and patch to this JSON file")
     args = ap.parse_args(argv)
     runs = 1 if args.quick else args.runs
     changed_only = args.quick or args.positions == "changed"
@@ -163,13 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
         "clean_metric": methods["atp"]["out"]["clean_metric"],
         "corrupted_metric": methods["atp"]["out"]["corrupted_metric"],
         "rows": result_rows, "largest_patches": biggest, "runs": runs, "machine": machine_info(),
-        "per_row": {"site": [r["layer_name"] for r in rows], "position": [r["position"] for r in rows],
-                    "patched": [round(float(x), 6) for x in patched],
-                    "atp": [round(r["estimate"], 6) for r in rows],
-                    "atp_star": [round(r["estimate"], 6) for r in star],
-                    "graddrop": [round(r["graddrop"], 6) for r in star]},
     }
     write_result("attribution", result)
+    if args.rows_out:  # every row's numbers, for a closer look (not part of the summary)
+        per_row = {"site": [r["layer_name"] for r in rows], "position": [r["position"] for r in rows],
+                   "patched": patched.tolist(), "atp": [r["estimate"] for r in rows],
+                   "atp_star": [r["estimate"] for r in star], "graddrop": [r["graddrop"] for r in star]}
+        with open(args.rows_out, "w") as f:
+            json.dump(per_row, f)
     return result
 
 

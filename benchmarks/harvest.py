@@ -2,7 +2,7 @@
 
     python -m benchmarks.harvest [--tokens 4096] [--runs 4] [--loop-docs 4] [--quick]
 
-The same documents (lengths 48-256 tokens, raw text) run through:
+The same documents (about 64, 128 or 256 tokens each, raw text) run through:
   forward_body   the plain batched forward, the same [B, T] groups the harvest makes, through
                  the decoder layers and the final norm (what a harvest computes: no logits)
   forward_logits the same forward with the logits evaluated (the model's full forward)
@@ -45,12 +45,12 @@ FILLER = ("The old lighthouse keeper climbed the spiral stairs every evening to 
 
 
 def documents(lm, total_tokens: int) -> list[str]:
-    """Raw texts of 48-256 tokens (a fixed cycle of lengths), about `total_tokens` in all."""
+    """Raw texts of about 64, 128 or 256 tokens, each a few tokens longer or shorter (as a corpus
+    chunked to a target length gives), about `total_tokens` in all."""
     ids = lm.tokenizer.encode(FILLER * 40, add_special_tokens=False)
-    lengths = [48, 200, 96, 256, 64, 160, 128, 224, 80, 176]
     docs, total, i = [], 0, 0
     while total < total_tokens:
-        n = lengths[i % len(lengths)]
+        n = (64, 256, 128)[i % 3] - (i * 7) % 6
         start = (i * 37) % (len(ids) - n)
         docs.append(lm.tokenizer.decode(ids[start:start + n]))
         total += n
@@ -158,7 +158,8 @@ def main() -> None:
     harvest = next(r for r in rows if r["variant"] == "harvest")
     harvest_x = harvest["x_forward_best"]
     result = {
-        "description": f"{len(docs)} documents ({n_tokens} tokens, 48-256 each) on the default model, residual "
+        "description": f"{len(docs)} documents ({n_tokens} tokens, about 64, 128 or 256 each) on the default model, "
+                       "residual "
                        f"output of all {lm.info.n_layers} layers ({lm.info.d_model * 4 * lm.info.n_layers / 1024:.0f} "
                        f"KiB a token), float32; batches of at most {args.batch_size} documents and "
                        f"{args.batch_tokens} padded tokens ({len(groups)} forwards). x_forward: tokens/s over the "

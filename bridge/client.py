@@ -20,6 +20,10 @@
     # Raw text (or token ids) continued without the chat template: prompt= instead of messages.
     client.chat(prompt="When Mary and John went to the store, John gave a drink to", max_tokens=1)
 
+    # Attribution patching: every site's estimated effect, as numpy columns (docs/attribution.md).
+    r = client.attribution(clean_text, corrupted_text, (target_id, foil_id), method="atp*", verify_top=5)
+    names, grid = r.matrix("residual")                     # [sites, positions]
+
 Every non-2xx answer (and every error event inside a stream) raises `NeuroScopeServerError`
 with the server's status, message, type, param and code. Network failures raise
 `NeuroScopeConnectionError`. Both derive from `NeuroScopeError`.

@@ -123,7 +123,8 @@ class AttributionRequest(BaseModel):
     method: Literal[METHODS] = Field("atp", description="atp: the gradient estimate; atp*: AtP* (Kramar et al. 2024): "
                                                       "the QK fix for query and key sites, and a GradDrop score per row")
     verify_top: Optional[Annotated[int, Field(ge=0, le=256)]] = Field(
-        None, description="also patch the K sites and positions with the largest |estimate| for real")
+        None, description="also patch the K sites and positions with the largest |estimate| (atp*: GradDrop score) "
+                           "for real; a server time limit skips those not started in time")
 
 
 class LoadModelRequest(BaseModel):

@@ -348,8 +348,10 @@ class ModelService:
             raise from_engine(exc) from exc
 
     def run_attribution(self, plan: Any) -> dict:
-        """Run a planned attribution on the worker thread (engine.attribution.run_attribution)."""
-        return self.require_model().run_attribution(plan)
+        """Run a planned attribution on the worker thread (engine.attribution.run_attribution); under
+        the server's time limit, verifying patches not started in time are skipped."""
+        limit = self.config.max_seconds_per_request
+        return self.require_model().run_attribution(plan, deadline=None if limit is None else time.monotonic() + limit)
 
     def _run_plan(self, job: ChatJob, plan: Any, on_event: Callable[[Any], None] | None, deadline: float | None):
         events = self.require_model().run(plan, deadline=deadline)
