@@ -148,6 +148,10 @@ class Sampler:
             self._filters.append(functools.partial(apply_top_k, top_k=sampling.top_k))
         self._key = None if sampling.seed is None else mx.random.key(sampling.seed)
 
+    @property
+    def greedy(self) -> bool:
+        return self._temp == 0
+
     def __call__(self, logprobs: mx.array) -> mx.array:
         if self._temp == 0:
             return mx.argmax(logprobs, axis=-1)
@@ -197,6 +201,10 @@ class Forward:
     def draw(self, logits: mx.array, pending: list[mx.array]) -> mx.array:
         """The next token from `logits` [1, vocab], lazy; it and the log-probabilities to report
         are appended to `pending`, for the caller to evaluate with the step."""
+        if self._logprobs is None and self._sampler.greedy:  # no log-softmax over the vocabulary needed
+            token = mx.argmax(logits, axis=-1)
+            pending.append(token)
+            return token
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = self._sampler(logprobs)
         pending.append(token)
