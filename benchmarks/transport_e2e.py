@@ -13,7 +13,7 @@ numpy arrays of every captured value:
 - `memcpy`: a plain copy of the same bytes inside the consumer: the physical limit.
 
 Two parts. *Synthetic*: a server process running the real control app (`control.app`), whose
-delivery step (`Server._deliver`: the same JSON encoder, the same shm writer, the same routes)
+delivery step (`Delivery.deliver`: the same JSON encoder, the same shm writer, the same routes)
 is fed a capture of model-like shape (float32 residual/attention/MLP tensors, d_model 576, one
 prefill step and 8 decode steps) of exactly N MiB, so the time is delivery only. *Default
 model*: real `/with_activations` requests to a real server running SmolLM2-135M (hooks and
@@ -47,30 +47,17 @@ INLINE_CAP_MIB = 64  # inline JSON runs at ~0.03 GB/s end to end: larger payload
 
 # --- the synthetic server (runs in its own process) ------------------------------------------
 def synthetic_capture(nbytes: int, seed: int = 0):
-    """A CaptureResult of float32 MLX arrays totalling `nbytes`, shaped like the default model's."""
-    import mlx.core as mx
-
-    from engine.records import CaptureResult, HookRecord, StepTensor
+    """A CaptureResult of float32 MLX arrays totalling about `nbytes`, shaped like the default model's."""
+    from tests.synthetic_capture import synthetic_capture as build
 
     per_row = D_MODEL * 4
     rows_total = max(nbytes // per_row, 1)
     n_layers = 30
     while n_layers > 1 and rows_total // (len(COMPONENTS) * n_layers) < DECODE_STEPS + 4:
         n_layers -= 1
-    n_hooks = len(COMPONENTS) * n_layers
-    rows = max(rows_total // n_hooks, DECODE_STEPS + 1)
-    prompt = rows - DECODE_STEPS
-    mx.random.seed(seed)
-    hooks = []
-    for comp in COMPONENTS:
-        for layer in range(n_layers):
-            steps = [StepTensor(0, 0, mx.random.normal((prompt, D_MODEL)))]
-            steps += [StepTensor(i, prompt + i - 1, mx.random.normal((1, D_MODEL))) for i in range(1, DECODE_STEPS + 1)]
-            hooks.append(HookRecord(f"{comp}_{layer}", f"model.layers.{layer}", f"model.layers.{layer}", layer, comp,
-                                    False, "float32", steps))
-    mx.eval([s.array for h in hooks for s in h.steps])
-    token_ids = list(range(100, 100 + rows + 1))
-    return CaptureResult("synthetic", "synthetic", token_ids, [f"t{t}" for t in token_ids], prompt, hooks)
+    rows = max(rows_total // (len(COMPONENTS) * n_layers), DECODE_STEPS + 1)
+    return build(COMPONENTS, range(n_layers), prompt_len=rows - DECODE_STEPS, decode_steps=DECODE_STEPS,
+                 d_model=D_MODEL, seed=seed)
 
 
 def serve_synthetic(port: int, state_dir: str, sizes: list[int]) -> None:
@@ -81,8 +68,8 @@ def serve_synthetic(port: int, state_dir: str, sizes: list[int]) -> None:
     from starlette.routing import Route
 
     from control.app import AppConfig, ORJSONResponse, create_app
-    from control.service import ChatResult, ModelService, ServiceConfig
-    from engine.generate import Generation
+    from control.service import ModelService, ServiceConfig
+    from engine.generate import Completion
 
     captures = {str(mib): synthetic_capture(int(mib * MiB), seed=i) for i, mib in enumerate(sizes)}
     config = AppConfig(state_dir=state_dir, shm_ttl_s=600.0)
@@ -93,13 +80,14 @@ def serve_synthetic(port: int, state_dir: str, sizes: list[int]) -> None:
         cap = captures[request.path_params["name"]]
         transport = request.query_params.get("transport", "inline")
         cap.capture_id = "cap_" + secrets.token_hex(8)
-        gen = Generation(prompt_tokens=cap.prompt_tokens, token_ids=cap.token_ids, text="", finish_reason="length")
-        out = await server._deliver(ChatResult(gen, cap), transport, "json")
+        done = Completion(text="", token_ids=cap.token_ids, tokens=cap.tokens, prompt_tokens=cap.prompt_tokens,
+                          finish_reason="length", model_id=cap.model_id, capture=cap)
+        out = await server.delivery.deliver(done, transport, "json")
         return ORJSONResponse(out)
 
     async def sizes_route(request: Request):
         return ORJSONResponse({name: {"bytes": sum(int(np.prod(s.array.shape)) * 4 for h in c.hooks for s in h.steps),
-                                      "hooks": len(c.hooks), "rows": len(c.token_ids) - 1, "prompt": c.prompt_tokens}
+                                      "hooks": len(c.hooks), "rows": len(c.token_ids), "prompt": c.prompt_tokens}
                                for name, c in captures.items()})
 
     app.router.routes.append(Route("/bench/deliver/{name}", deliver, methods=["POST"]))

@@ -328,9 +328,9 @@ def routes(s: Server) -> list[Route]:
         Route("/v1/vectors/{vector_id:vector_id}/delete", s.delete_vector, methods=["POST"]),
         Route("/v1/harvest", s.harvests.harvest, methods=["POST"]),
         Route("/v1/harvest", s.harvests.list_harvests, methods=["GET"]),
-        Route("/v1/harvest/{job_id}", s.harvests.harvest_status, methods=["GET"]),
-        Route("/v1/harvest/{job_id}", s.harvests.cancel_harvest, methods=["DELETE"]),
-        Route("/v1/harvest/{job_id}/cancel", s.harvests.cancel_harvest, methods=["POST"]),
+        Route("/v1/harvest/{job_id:job_id}", s.harvests.harvest_status, methods=["GET"]),
+        Route("/v1/harvest/{job_id:job_id}", s.harvests.cancel_harvest, methods=["DELETE"]),
+        Route("/v1/harvest/{job_id:job_id}/cancel", s.harvests.cancel_harvest, methods=["POST"]),
         Route("/viz", viz.page, methods=["GET"], include_in_schema=False),
         Route("/viz/{name}", viz.asset, methods=["GET"], include_in_schema=False),
     ]

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from control.delivery import IdConvertor
 from control.errors import Busy, HTTPError, NotFound, from_engine
 from control.schemas import HarvestRequest, parse_body
 from control.service import ModelService
@@ -34,6 +36,9 @@ from engine.harvest import Harvester
 from harvest.inputs import InputError, check_readable
 from harvest.job import HarvestOptions, run_harvest
 from harvest.store import StoreError
+
+JOB_ID_PATTERN = "^harvest-[0-9a-f]{16}$"  # Harvests.harvest makes them: "harvest-" + 8 random bytes in hex
+register_url_convertor("job_id", IdConvertor(JOB_ID_PATTERN))
 
 log = logging.getLogger("nsbridge.harvest")
 

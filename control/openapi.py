@@ -12,8 +12,9 @@ from pydantic.json_schema import models_json_schema
 from starlette.routing import Route
 
 from control.delivery import CAPTURE_ID_PATTERN, VECTOR_ID_PATTERN
+from control.harvest import JOB_ID_PATTERN
 from control.schemas import (ActivationChatRequest, AttributionRequest, ChatRequest, CreateVectorRequest,
-                             LoadModelRequest, LogitLensRequest, RegisterHooksRequest)
+                             HarvestRequest, LoadModelRequest, LogitLensRequest, RegisterHooksRequest)
 
 # handler name -> its request body
 BODIES = {
@@ -24,10 +25,11 @@ BODIES = {
     "create_vector": CreateVectorRequest,
     "attribution": AttributionRequest,
     "logit_lens": LogitLensRequest,
+    "harvest": HarvestRequest,
 }
 # Path parameters: {name:convertor} in a route -> the id's pattern
-_PATH_IDS = {"capture_id": CAPTURE_ID_PATTERN, "vector_id": VECTOR_ID_PATTERN}
-_CREATED = {"create_vector"}  # answered 201
+_PATH_IDS = {"capture_id": CAPTURE_ID_PATTERN, "vector_id": VECTOR_ID_PATTERN, "job_id": JOB_ID_PATTERN}
+_SUCCESS = {"create_vector": "201", "harvest": "202"}  # the others answer 200
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "code"], "properties": {
@@ -91,7 +93,7 @@ def openapi_spec(routes: list[Route]) -> dict:
                 "operationId": op_id,
                 "summary": (route.endpoint.__doc__ or name).strip().splitlines()[0],
                 "responses": {
-                    "201" if name in _CREATED else "200": ok,
+                    _SUCCESS.get(name, "200"): ok,
                     "4XX": {"description": "Invalid request (OpenAI error shape)",
                             "content": {"application/json": {"schema": _ERROR}}},
                     "503": {"description": "Queue full; retry after the Retry-After seconds",

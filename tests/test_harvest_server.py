@@ -78,7 +78,7 @@ def test_chat_interleaves_and_cancel_keeps_whole_shards(client, server):
     job_id = status["id"]
     assert status["state"] == "running"
     wait_until = time.monotonic() + 60
-    while client.harvest_status(job_id)["progress"]["tokens_done"] == 0:
+    while client.harvest_status(job_id)["progress"]["bytes_written"] == 0:  # a first shard is written
         assert time.monotonic() < wait_until
         time.sleep(0.05)
     chat = client.chat([{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0)
@@ -126,3 +126,35 @@ def test_bad_requests(client, server, tmp_path):
     assert final["state"] == "failed" and "document 1) has" in final["error"]
     out = server.root / "jobs" / status["id"]
     assert not out.exists() or not [p for p in out.iterdir() if p.suffix == ".parquet"]
+
+
+def test_values_equal_with_activations_over_http(client, server):
+    """Each harvested value equals what /v1/chat/completions/with_activations captures for the same
+    document, position and hook: exactly when each document has its forward to itself (batch_size 1),
+    to float32 rounding when documents share forwards (the default)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from bridge.client import entry_array
+    from tests.test_harvest import assert_same
+
+    docs = corpus()[3:]  # raw texts and chats
+    hooks = ["blocks.1.hook_resid_post", "transformer.h.0:mlp", "hook_embed"]
+    for batch_size, exact in ((1, True), (16, False)):
+        status = client.harvest(hooks, docs, wait=True, context=64, batch_size=batch_size)
+        table = read_dir(server.root / "jobs" / status["id"])
+        for doc_id, doc in enumerate(docs):
+            field = {"messages": doc["messages"]} if "messages" in doc else {"prompt": doc["text"]}
+            answer = client.request("POST", "/v1/chat/completions/with_activations", {
+                **field, "max_tokens": 1, "temperature": 0, "activation_positions": "prompt",
+                "activations_encoding": "base64",
+                "activation_hooks": [{"layer_name": h.partition(":")[0], "component": h.partition(":")[2] or None,
+                                      "hook_id": h} for h in hooks]})
+            rows = table.filter(pc.equal(table["doc_id"], doc_id)).sort_by("position")
+            n = answer["usage"]["prompt_tokens"]
+            assert rows.num_rows == n > 0
+            for h in hooks:
+                (entry,) = answer["activations"][h]  # the prompt: one step
+                want = entry_array(entry)
+                got = rows[h].combine_chunks().flatten().to_numpy().reshape(want.shape)
+                assert got.dtype == np.float32 and assert_same(got, want, "float32", exact), (h, doc_id, batch_size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,44 @@ def test_page_draws_heads_and_shows_the_api_numbers(page, server, head, tmp_path
     shot = tmp_path / "viz.png"
     p.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.errors == []
+
+
+@pytest.mark.browser
+def test_tokens_appear_while_the_stream_runs(page, server):
+    """The generated text grows token by token while the stream is open (the span's data-tokens
+    counts the tokens shown so far), each state a prefix of the final greedy text, before the
+    run ends and the text is replaced by the capture's tokens."""
+    max_tokens = 200  # about a second of streaming on the tiny model (its context is 256 tokens)
+    p = page.page
+    p.wait_for_selector("body[data-ready='1']", timeout=30000)
+    p.fill("#prompt", PROMPT)
+    p.fill("#max-tokens", str(max_tokens))
+    p.click("#run")
+    span = p.wait_for_selector("#tokens .tok.gen[data-tokens]", state="attached", timeout=60000)
+    seen: list[tuple[int, str]] = []  # (tokens shown, text), each change once
+    deadline = time.monotonic() + 120
+    while True:  # one read per poll, so the count, the text and the run's end agree
+        n, text, done = span.evaluate("e => [Number(e.dataset.tokens), e.textContent, 'run' in document.body.dataset]")
+        if done:
+            break
+        assert time.monotonic() < deadline, "the run did not finish"
+        if not seen or seen[-1][0] != n:
+            seen.append((n, text))
+    final_n = int(span.get_attribute("data-tokens"))  # the span is detached now: its last state
+    r = requests.post(server.base_url + "/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+    out = r.json()
+    final_text = out["choices"][0]["message"]["content"]
+    assert span.text_content() == final_text
+    partial = [(n, text) for n, text in seen if n < final_n]
+    assert len(partial) >= 2, f"saw only {seen[:5]} of {final_n} tokens while streaming"
+    assert [n for n, _ in seen] == sorted({n for n, _ in seen})  # only ever grew
+    for (_, shorter), (_, longer) in zip(seen, seen[1:]):
+        assert longer.startswith(shorter) and len(longer) > len(shorter)
+    assert final_text.startswith(partial[-1][1]) and len(partial[-1][1]) < len(final_text)
+    # Once the run ends the text gives way to the capture's tokens, one span per position.
+    assert p.locator("#tokens .tok").count() == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
     assert page.errors == []
 
 

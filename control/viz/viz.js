@@ -215,6 +215,7 @@ async function run() {
       if (delta && delta.content) {
         streamed.textContent += delta.content;
         status(`generating: ${++n} tokens`);
+        streamed.dataset.tokens = String(n); // for scripts watching the stream grow
       }
       if (chunk.capture) final = chunk;
       if (chunk.usage) usage = chunk.usage;
