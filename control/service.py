@@ -27,7 +27,7 @@ from typing import Any, Callable
 import engine
 from control.errors import Busy, InvalidRequest, ModelPathForbidden, NoModelLoaded, from_engine
 from control.schemas import logprob_values, sampling_values
-from engine.batch import Batch, batchable
+from engine.batch import JOIN_ROWS, JOIN_TOKENS, Batch, batchable
 from engine.default_model import MODEL_ID as DEFAULT_MODEL_ID
 from engine.default_model import default_model_dir, ensure_default_model
 from engine.errors import EngineError
@@ -185,7 +185,10 @@ class ModelService:
             _resolve(item.done, error=stopped)
 
     def _admit(self) -> None:
-        """Move waiting chats into the batch, in order, while it has room for them."""
+        """Move waiting chats into the batch, in order, while it has room for them; those
+        admitted together run their prompts in one forward (up to JOIN_ROWS prompts and
+        JOIN_TOKENS padded tokens)."""
+        joining: list[_Chat] = []
         while self._waiting:
             chat = self._waiting[0]
             lm = chat.plan.lm
@@ -193,24 +196,31 @@ class ModelService:
                 self._waiting.popleft()
                 _resolve(chat.done, None)
                 continue
-            if not self._batch:  # empty: it may start over on another model
+            if not self._batch and not joining:  # empty: it may start over on another model
                 self._batch = Batch(lm)
             if self._batch.lm is not lm:
-                return  # the batch drains first
+                break  # the batch drains first
             if chat.deadline is None and self.config.max_seconds_per_request is not None:
                 chat.deadline = time.monotonic() + self.config.max_seconds_per_request
             if not self._can_batch(lm):
+                if joining:
+                    break
                 self._waiting.popleft()
                 self._run_alone(chat)
                 continue
-            used = sum(row.gen.plan.capture_bytes for row in self._batch.rows)
-            if len(self._batch) >= self.config.max_batch_size or \
-                    (len(self._batch) and used + chat.plan.capture_bytes > self.config.capture_budget_bytes):
-                return
-            self._waiting.popleft()
-            self._batch.add(chat.plan, (chat.result is None and chat.on_event) or _ignore,
-                            lambda result, error, chat=chat: self._plan_done(chat, result, error),
-                            lambda chat=chat: chat.job.cancelled.is_set() or chat.done.cancelled(), chat.deadline)
+            plans = [row.gen.plan for row in self._batch.rows] + [c.plan for c in joining]
+            used = sum(p.capture_bytes for p in plans)
+            width = max([len(c.plan.prompt) for c in joining] + [len(chat.plan.prompt)])
+            if len(plans) >= self.config.max_batch_size or \
+                    (plans and used + chat.plan.capture_bytes > self.config.capture_budget_bytes) or \
+                    (joining and (len(joining) >= JOIN_ROWS or width * (len(joining) + 1) > JOIN_TOKENS)):
+                break
+            joining.append(self._waiting.popleft())
+        if joining:
+            self._batch.join([(c.plan, (c.result is None and c.on_event) or _ignore,
+                               lambda result, error, c=c: self._plan_done(c, result, error),
+                               lambda c=c: c.job.cancelled.is_set() or c.done.cancelled(), c.deadline)
+                              for c in joining])
 
     def _plan_done(self, chat: _Chat, result, error: BaseException | None) -> None:
         if error is not None:

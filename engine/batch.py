@@ -33,31 +33,39 @@ from engine.model import LoadedModel
 from engine.plan import GenerationPlan
 
 
+# Prompts that join a batch together run in one forward of at most this many prompts and padded
+# tokens (a longer prompt runs alone): mlx-lm's BatchGenerator prefills 8 prompts at a time too.
+JOIN_ROWS, JOIN_TOKENS = 8, 4096
+
+
 def batchable(lm: LoadedModel) -> bool:
-    """Whether the model decodes exactly in a batch. Its cache must be plain keys and values in
+    """Whether the model runs exactly in a batch. Its cache must be plain keys and values in
     every layer (what BatchKVCache batches; sliding-window, recurrent and other caches run one
     request at a time), and its code must take the batch's per-row offsets: some model files
     use the offset as one number (gemma2's, gpt_bigcode's positions). That is checked by
-    running it: two prompts of different lengths decoded together must give the logits each
-    gives alone."""
+    running it as a batch runs: two prompts of different lengths through one right-padded
+    forward, then one decoding step together, must give the logits each gives alone."""
     model = lm.model
     if not all(type(c) is KVCache for c in make_prompt_cache(model)):
         return False
     prompts, token = [[1, 2, 3], [4]], mx.array([[5]])
     try:
-        alone, caches = [], []
+        alone = []
         for p in prompts:
-            for keep in (False, True):
-                cache = make_prompt_cache(model)
-                model(mx.array(p)[None], cache=cache)
-                if keep:
-                    caches.append(cache)
-                else:
-                    alone.append(model(token, cache=cache)[0, -1])
-        merged = [BatchKVCache.merge([c[layer] for c in caches]) for layer in range(len(caches[0]))]
-        together = model(mx.concatenate([token, token]), cache=merged)[:, -1]
+            cache = make_prompt_cache(model)
+            first = model(mx.array(p)[None], cache=cache)[0, -1]
+            alone.append(mx.stack([first, model(token, cache=cache)[0, -1]]))
+        cache = [BatchKVCache([0, 0]) for _ in range(len(make_prompt_cache(model)))]
+        for c in cache:
+            c.prepare(right_padding=[0, 2])
+        out = model(mx.array([[1, 2, 3], [4, 0, 0]]), cache=cache)
+        for c in cache:
+            c.finalize()
+        firsts = [out[0, 2], out[1, 0]]
+        seconds = model(mx.concatenate([token, token]), cache=cache)[:, -1]
+        together = mx.stack([mx.stack([firsts[i], seconds[i]]) for i in range(2)]).astype(mx.float32)
         want = mx.stack(alone).astype(mx.float32)
-        err = mx.abs(together.astype(mx.float32) - want).max() / mx.maximum(mx.abs(want).max(), 1e-6)
+        err = mx.abs(together - want).max() / mx.maximum(mx.abs(want).max(), 1e-6)
         return err.item() < 1e-3
     except Exception:  # e.g. an offset used as a Python number
         return False
@@ -81,32 +89,80 @@ class Batch:
         self.lm = lm
         self.rows: list[Row] = []
         self._cache: list[BatchKVCache] | None = None
+        self._n_layers = len(make_prompt_cache(lm.model))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def add(self, plan: GenerationPlan, on_event, on_done, is_cancelled, deadline: float | None = None) -> None:
-        """Run the plan's prompt alone, then keep it in the batch for its next steps. A request
-        that fails here (or finishes at once) leaves the batch as it was."""
+        """`join` one request."""
+        self.join([(plan, on_event, on_done, is_cancelled, deadline)])
+
+    def join(self, requests: list[tuple]) -> None:
+        """Run the requests' prompts together, then keep them in the batch for their next steps.
+        Each request is (plan, on_event, on_done, is_cancelled, deadline). The prompts are
+        right-padded into one forward: causal attention never lets a real token see the padding
+        after it, so no activation of a prompt token depends on its neighbours; the cache then
+        turns the right padding into the left padding decoding uses (mlx-lm's `finalize`). A
+        request that fails here (or finishes at once) leaves the batch as it was."""
+        rows = []
+        for plan, on_event, on_done, is_cancelled, deadline in requests:
+            try:
+                rows.append(Row(Generation(plan, deadline), on_event, on_done, is_cancelled))
+            except Exception as exc:  # this request's own error
+                on_done(None, exc)
+        if not rows:
+            return
+        lengths = [len(r.gen.prompt) for r in rows]
+        width = max(lengths)
+        cache = [BatchKVCache([0] * len(rows)) for _ in range(self._n_layers)]
+        for c in cache:
+            c.prepare(right_padding=[width - n for n in lengths])
+        captured = []
+        for i, r in enumerate(rows):
+            if r.gen.capture is not None:
+                r.gen.capture.begin_step(0, 0)
+                captured.append((i, r.gen.capture))
         try:
-            gen = Generation(plan, deadline)
-            row = Row(gen, on_event, on_done, is_cancelled)
-            with gen.capture.installed(self.lm) if gen.capture is not None else nullcontext():
-                row.token = gen.forward(gen.prompt)
-            self._after_step(row, row.token)
-        except Exception as exc:  # this request's own error: the batch goes on
-            on_done(None, exc)
+            with BatchCapture(captured, lengths, [slice(0, n) for n in lengths]).installed() \
+                    if captured else nullcontext():
+                out = self.lm.model(mx.array([r.gen.prompt + [0] * (width - n) for r, n in zip(rows, lengths)]),
+                                    cache=cache)
+            pending, drawn = [], []
+            for i, r in enumerate(rows):
+                if r.gen.capture is not None:
+                    pending.extend(r.gen.capture.end_step())
+                drawn.append(r.gen.forward.draw(out[i:i + 1, lengths[i] - 1, :], pending))
+            for c in cache:
+                c.finalize()
+            mx.eval(*pending)
+        except Exception as exc:  # these requests end with the error; the batch goes on
+            for r in rows:
+                r.on_done(None, exc)
             return
-        if row.gen.finish is not None and not row.gen.needs_final_step:
-            self._finish(row)
+        staying = []
+        for i, r in enumerate(rows):
+            r.token = r.gen.forward.advance(lengths[i], drawn[i])
+            try:
+                self._after_step(r, r.token)
+            except Exception as exc:  # its owner's callback failed
+                r.on_done(None, exc)
+                continue
+            if r.gen.finish is not None and not r.gen.needs_final_step:
+                self._finish(r)
+            else:
+                staying.append(i)
+        if not staying:
             return
-        merged = [BatchKVCache.merge([c]) for c in gen.forward.cache]
+        if len(staying) < len(rows):
+            for c in cache:
+                c.filter(mx.array(staying))
         if self._cache is None:
-            self._cache = merged
+            self._cache = cache
         else:
-            for batch_cache, new in zip(self._cache, merged):
+            for batch_cache, new in zip(self._cache, cache):
                 batch_cache.extend(new)
-        self.rows.append(row)
+        self.rows.extend(rows[i] for i in staying)
 
     def step(self) -> None:
         """One forward step for every request: each gets its next token (or, once finished with
@@ -123,9 +179,9 @@ class Batch:
             if c is not None:
                 c.begin_step(r.gen.forward.step, r.gen.forward.position)
                 captured.append((i, c))
-        pads = [length - (r.gen.forward.position + 1) for r in rows]
+        keys = [slice(length - (r.gen.forward.position + 1), length) for r in rows]  # after the left padding
         try:
-            with BatchCapture(captured, pads).installed() if captured else nullcontext():
+            with BatchCapture(captured, [1] * len(rows), keys).installed() if captured else nullcontext():
                 out = self.lm.model(mx.array([[r.token] for r in rows]), cache=self._cache)
             pending, drawn = [], []
             for i, r in enumerate(rows):

@@ -282,14 +282,13 @@ class Capture:
 
         return scaled_dot_product_attention
 
-    def _seam_before(self, layer, queries, keys, values, cache, row: int | None = None):
+    def _seam_before(self, layer, queries, keys, values, cache, row: tuple[int, int] | None = None):
         edits = self._sdpa_edits.get(layer, ()) if layer is not None else ()
         return self._edit_qkv(edits, queries, keys, values, cache, row) if edits else (queries, keys, values)
 
-    def _seam_after(self, layer, queries, keys, values, out, scale, mask, sinks, key_pad: int = 0):
+    def _seam_after(self, layer, queries, keys, values, out, scale, mask, sinks):
         """The attention output with head_output interventions; records q/k/v, scores, patterns
-        and head outputs. `key_pad`: leading key columns that are a batch's padding, not this
-        request's (masked out, then dropped from what is recorded)."""
+        and head outputs."""
         if layer is None:
             return out
         edits = self._sdpa_edits.get(layer, ())
@@ -308,17 +307,17 @@ class Capture:
                 self._keep(rec, (keys if t.component == "key" else values)[:, :, -t_q:, :], 1)
             else:
                 if scores is None:
-                    scores = attention_scores(queries, keys, scale, mask)[..., key_pad:]
+                    scores = attention_scores(queries, keys, scale, mask)
                 if t.component == "attention_scores":
                     self._keep(rec, scores, 1)
                 else:
                     self._keep(rec, attention_pattern(scores, sinks), 1)
         return out
 
-    def _edit_qkv(self, edits: list[Intervention], queries, keys, values, cache, row: int | None = None):
+    def _edit_qkv(self, edits: list[Intervention], queries, keys, values, cache, row: tuple[int, int] | None = None):
         """Queries, keys and values with the step's interventions; changed keys and values are
         written back into the KV cache, which holds them for every later step (`row`: this
-        request's row of a batch's cache)."""
+        request's row of a batch's cache, and the cache index just past its keys)."""
         t_q = queries.shape[2]
         queries = self._intervene([iv for iv in edits if iv.component == "query"], queries, on_input=False)
         new = []
@@ -332,7 +331,7 @@ class Capture:
             if type(cache) is KVCache:
                 end, rows = cache.offset, slice(None)
             elif type(cache) is BatchKVCache and row is not None:
-                end, rows = cache._idx, slice(row, row + 1)
+                end, rows = row[1], slice(row[0], row[0] + 1)
             else:
                 raise EngineError(f"key and value interventions need a plain KV cache, not {type(cache).__name__}",
                                   "interventions")
@@ -345,19 +344,23 @@ class Capture:
 
 
 class BatchCapture:
-    """The captures of the rows of one batched decode step (one new token per row; rows without
-    hooks or interventions have none here). Each request's interventions see and change its
-    own row only, and its records hold its own row: keys and attention columns that are the
-    batch's left padding are masked out by the batch's mask and dropped from what is kept."""
+    """The captures of the rows of one batched forward (rows without hooks or interventions have
+    none here). Each request's interventions see and change its own row only, and its records
+    hold its own row: `tokens[i]` real tokens of row i come first on the token axis (a prompt
+    batch is right-padded), and `keys[i]` are the key columns that are its own (a decode
+    batch's left padding and a prompt batch's right padding are masked out by the batch's
+    mask and dropped from what is kept)."""
 
-    def __init__(self, rows: list[tuple[int, Capture]], key_pads: list[int]):
+    def __init__(self, rows: list[tuple[int, Capture]], tokens: list[int], keys: list[slice]):
         self._rows = rows  # (row in the batch, that request's Capture)
-        self._key_pads = key_pads  # per row of the batch: leading key columns that are padding
+        self._tokens, self._keys = tokens, keys  # per row of the batch
         modules, self._attn_layer = {}, {}
         for _, c in rows:
             modules.update((id(m), m) for m in c._modules)
             self._attn_layer.update(c._attn_layer)
         self._modules = list(modules.values())
+        self._routers = {key for _, c in rows for table in (c._edits, c._taps) for key, items in table.items()
+                         if any((t[0] if isinstance(t, tuple) else t).site == "router" for t in items)}
         self._seam_module = rows[0][1]._seam_module
         self._uses_seam = any(c.uses_seam for _, c in rows)
         self._seam_layer: int | None = None
@@ -368,33 +371,64 @@ class BatchCapture:
     def _on_module(self, module, cls: type, x, args, kwargs, x_name: str | None = None):
         key = id(module)
         rows = [(i, c) for i, c in self._rows if key in c._edits or key in c._taps]
-        x = _set_rows(x, [(i, c._before(module, x[i:i + 1])) for i, c in rows if key in c._edits])
+        flat = key in self._routers and x.ndim == 2  # a router fed flattened tokens (olmoe): [B * T, d]
+        x3 = x.reshape(len(self._tokens), -1, x.shape[-1]) if flat else x
+        x3 = self._put(x3, 1, [(i, c._before(module, self._take(x3, i))) for i, c in rows if key in c._edits])
+        x = x3.reshape(-1, x3.shape[-1]) if flat else x3
 
         def after(y):
-            done = [(i, c._after(module, x[i:i + 1], y[i:i + 1])) for i, c in rows]
-            return _set_rows(y, [(i, r) for (i, r), (_, c) in zip(done, rows) if key in c._edits])
+            y_flat = key in self._routers and y.ndim == 2
+            y3 = y.reshape(len(self._tokens), -1, y.shape[-1]) if y_flat else y
+            done = [(i, c._after(module, self._take(x3, i), self._take(y3, i))) for i, c in rows]
+            y3 = self._put(y3, 1, [(i, r) for (i, r), (_, c) in zip(done, rows) if key in c._edits])
+            return y3.reshape(-1, y3.shape[-1]) if y_flat else y3
 
         return _call_module(self, module, cls, x, args, kwargs, x_name, self._attn_layer.get(key), after)
+
+    def _take(self, x: mx.array, i: int) -> mx.array:
+        return x[i:i + 1, :self._tokens[i]]
+
+    def _put(self, x: mx.array, axis: int, rows: list[tuple[int, mx.array]], spans=None) -> mx.array:
+        """`x` with rows replaced: row i's span on `axis` (its real tokens, or `spans[i]`) by the
+        new values, the rest of the row (padding) kept."""
+        if not rows:
+            return x
+        parts = [x[i:i + 1] for i in range(x.shape[0])]
+        for i, new in rows:
+            span = spans[i] if spans is not None else slice(0, self._tokens[i])
+            row, n = parts[i], x.shape[axis]
+            before = [row[(slice(None),) * axis + (slice(0, span.start),)]] if span.start else []
+            after = [row[(slice(None),) * axis + (slice(span.stop, n),)]] if span.stop < n else []
+            parts[i] = mx.concatenate([*before, new, *after], axis=axis) if before or after else new
+        return mx.concatenate(parts, axis=0)
 
     def _seam(self, original):
         def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, **kwargs):
             layer = self._seam_layer
             rows = [] if layer is None else \
                 [(i, c) for i, c in self._rows if layer in c._sdpa_edits or layer in c._sdpa_taps]
-            edited = [(i, c._seam_before(layer, queries[i:i + 1], keys[i:i + 1], values[i:i + 1], cache, row=i))
+            q_rows = {i: queries[i:i + 1, :, :self._tokens[i]] for i, _ in rows}
+            k_rows = {i: keys[i:i + 1, :, self._keys[i]] for i, _ in rows}
+            v_rows = {i: values[i:i + 1, :, self._keys[i]] for i, _ in rows}
+            edited = [(i, c._seam_before(layer, q_rows[i], k_rows[i], v_rows[i], cache, row=(i, self._keys[i].stop)))
                       for i, c in rows if layer in c._sdpa_edits]
             if edited:
-                queries, keys, values = (_set_rows(a, [(i, qkv[n]) for i, qkv in edited])
-                                         for n, a in enumerate((queries, keys, values)))
+                queries = self._put(queries, 2, [(i, qkv[0]) for i, qkv in edited])
+                keys = self._put(keys, 2, [(i, qkv[1]) for i, qkv in edited], self._keys)
+                values = self._put(values, 2, [(i, qkv[2]) for i, qkv in edited], self._keys)
+                for i, (q, k, v) in edited:
+                    q_rows[i], k_rows[i], v_rows[i] = q, k, v
             out = original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
             changed = []
             for i, c in rows:
-                row_mask = mask[i:i + 1] if isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[0] > 1 \
-                    else mask
-                o = c._seam_after(layer, queries[i:i + 1], keys[i:i + 1], values[i:i + 1], out[i:i + 1], scale,
-                                  row_mask, kwargs.get("sinks"), key_pad=self._key_pads[i])
+                row_mask = mask
+                if isinstance(mask, mx.array):
+                    row_mask = mask[i:i + 1] if mask.ndim == 4 and mask.shape[0] > 1 else mask
+                    row_mask = row_mask[..., :self._tokens[i], self._keys[i]]
+                o = c._seam_after(layer, q_rows[i], k_rows[i], v_rows[i], out[i:i + 1, :, :self._tokens[i]], scale,
+                                  row_mask, kwargs.get("sinks"))
                 if layer in c._sdpa_edits:
                     changed.append((i, o))
-            return _set_rows(out, changed)
+            return self._put(out, 2, changed)
 
         return scaled_dot_product_attention

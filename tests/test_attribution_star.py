@@ -26,7 +26,8 @@ from engine.api import Model
 from engine.attribution import ARROW_STREAM, plan_attribution, run_attribution
 from engine.interventions import sources_from
 from tests.reference import assert_close
-from tests.test_attribution import CLEAN, CORRUPTED, DeltaEdit, _setup, attribute, by_key, metric_of
+from tests.test_attribution import (CLEAN, CORRUPTED, DeltaEdit, _body, _setup, attribute, by_key,  # noqa: F401
+                                   client, metric_of)  # client: the HTTP fixture
 from tests.test_interventions import Reference
 
 
@@ -304,29 +305,6 @@ def test_deadline_skips_verifying_patches(tiny_llama):
 # --------------------------------------------------------------------------------------------
 # HTTP: atp* and the Arrow answer
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def client(tiny_llama, tmp_path_factory):
-    from starlette.testclient import TestClient
-
-    from control.app import AppConfig, create_app
-    from control.service import ModelService, ServiceConfig
-    from shm import ShmRegistry
-
-    state = tmp_path_factory.mktemp("attribution-star-http")
-    registry = ShmRegistry(state_dir=state, cleanup_at_exit=False)
-    service = ModelService(ServiceConfig())
-    service.model = Model(tiny_llama)
-    app = create_app(AppConfig(state_dir=str(state)), service, registry)
-    with TestClient(app, base_url="http://127.0.0.1") as c:
-        yield c
-    registry.close()
-
-
-def _body(**change) -> dict:
-    return {"clean": {"prompt": CLEAN}, "corrupted": {"prompt": CORRUPTED},
-            "metric": {"type": "logit_diff", "token_ids": [5, 9]}, **change}
-
-
 @pytest.mark.parametrize("method", ["atp", "atp*"])
 def test_http_arrow_answer(client, method):
     import json

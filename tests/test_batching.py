@@ -55,15 +55,17 @@ def alone(model: Model, plan):
     return last.result
 
 
-def batched(model: Model, plans, join_after=(0, 2, 1, 3)):
-    """Run the plans in one Batch: plan k joins after `join_after[k]` more decode steps."""
+def batched(model: Model, plans, join_after=(0, 2, 1, 3), groups=None):
+    """Run the plans in one Batch: group g of plans (`groups`, default one plan each) joins
+    together after `join_after[g]` more decode steps, its prompts in one right-padded forward."""
     batch = Batch(model.lm)
     results, events = {}, {k: [] for k in range(len(plans))}
-    for k, plan in enumerate(plans):
-        for _ in range(join_after[k] if k else 0):
+    for g, members in enumerate(groups or [[k] for k in range(len(plans))]):
+        for _ in range(join_after[g] if g else 0):
             if len(batch):
                 batch.step()
-        batch.add(plan, events[k].append, lambda r, e, k=k: results.__setitem__(k, (r, e)), lambda: False)
+        batch.join([(plans[k], events[k].append, lambda r, e, k=k: results.__setitem__(k, (r, e)), lambda: False,
+                     None) for k in members])
     while len(batch):
         batch.step()
     assert sorted(results) == list(range(len(plans)))
@@ -107,6 +109,21 @@ def test_batch_equals_alone_with_every_component(tiny):
     hooks = all_hooks(tiny)
     plans = [plan_for(tiny, i, hooks) for i in range(4)]
     got, _ = batched(tiny, plans)
+    for g, plan in zip(got, plans):
+        assert_same(g, alone(tiny, plan))
+
+
+@pytest.mark.parametrize("groups", [[[0, 1, 2, 3]], [[1, 3], [0, 2]], [[2], [0, 1, 3]]])
+def test_prompts_joining_together_equal_alone(tiny, groups):
+    """Prompts of different lengths run in one right-padded forward (every component, and
+    interventions on the prompt: key/value edits written to the right places of the cache)."""
+    edits = [None, [{"layer_name": "blocks.1.attn.hook_k", "op": "scale", "coefficient": 2.0, "positions": [0, 2]}],
+             [{"layer_name": "blocks.0.hook_resid_post", "op": "add", "coefficient": 3.0,
+               "vector": [0.5] * tiny.info.d_model, "positions": "prompt"}],
+             [{"layer_name": "blocks.2.attn.hook_v", "op": "zero", "heads": [1]}]]
+    hooks = all_hooks(tiny)
+    plans = [plan_for(tiny, i, hooks, interventions=edits[i]) for i in range(4)]
+    got, _ = batched(tiny, plans, join_after=(0, 2, 1), groups=groups)
     for g, plan in zip(got, plans):
         assert_same(g, alone(tiny, plan))
 
@@ -240,7 +257,7 @@ def test_zoo_batch_equals_alone(model_type):
     assert model_type not in NOT_BATCHED, f"{model_type} batches now: take it off NOT_BATCHED"
     hooks = all_hooks(model)
     plans = [plan_for(model, i, hooks, max_tokens=4) for i in range(3)]
-    got, _ = batched(model, plans)
+    got, _ = batched(model, plans, join_after=(0, 1), groups=[[0, 2], [1]])
     for g, plan in zip(got, plans):
         assert_same(g, alone(model, plan), tol=1e-4)
 
@@ -255,7 +272,7 @@ def test_default_model_batch_equals_alone(default_model):
              [{"layer_name": "blocks.3.hook_resid_post", "op": "add", "coefficient": 4.0,
                "vector": [0.1] * model.info.d_model}]]
     plans = [plan_for(model, i, hooks, interventions=edits[i], max_tokens=8) for i in range(4)]
-    got, _ = batched(model, plans)
+    got, _ = batched(model, plans, join_after=(0, 2), groups=[[0, 2], [1, 3]])
     worst = max(assert_same(g, alone(model, plan)) for g, plan in zip(got, plans))
     print(f"largest relative difference batched vs alone: {worst:.2e}")
 
