@@ -388,8 +388,9 @@ def section_batching(r: dict) -> str:
     goals = (f"Targets: off >= {t.get('off_vs_mlx_lm', 1.0):g}x mlx_lm.server at every concurrency "
              f"({'met' if met.get('off_vs_mlx_lm') else 'NOT met'}); capture >= {t.get('capture_vs_off', 0.9):g}x off "
              f"({'met' if met.get('capture_vs_off') else 'NOT met'}).")
+    plot = "\n![batching](results/batching.png)\n" if (RESULTS_DIR / "batching.png").exists() else ""
     return (f"### Concurrent clients: tokens/s against mlx_lm.server (`batching`)\n\n{r.get('description', '')}\n\n"
-            f"{table}\n\n{goals}\n")
+            f"{table}\n\n{goals}\n{plot}")
 
 
 def section_smalltalk(r: dict) -> str:
@@ -439,6 +440,10 @@ def headline_rows(results: dict[str, dict]) -> list[list[Any]]:
         big = max(shm, key=lambda x: x["payload_mib"])
         out.append(["MLX -> shm Arrow write vs memcpy", f"{big['write_vs_memcpy']:.2f}x",
                     f"{big['payload_mib']:.0f} MiB, {big['write_gbps']:.1f} vs {big['memcpy_gbps']:.1f} GB/s"])
+    for x in results.get("shm_throughput", {}).get("rows", []):
+        if x.get("case") == "decode":
+            out.append(["MLX -> shm Arrow write vs memcpy, decode case", f"{x['write_vs_memcpy']:.2f}x",
+                        f"{x['arrays']} arrays (30 hooks x 129 steps), target >= 0.8x"])
     syn = results.get("transport_e2e", {}).get("synthetic", {}).get("rows", [])
     if syn:
         big = [x for x in syn if x.get("inline_json_ms")]
@@ -487,6 +492,12 @@ def headline_rows(results: dict[str, dict]) -> list[list[Any]]:
             out.append([f"tokens/s vs mlx_lm.server, {x['clients']} concurrent clients", f"{x['off_vs_mlx_lm']:.2f}x",
                         f"{x['off_tok_s']:.1f} vs {x['mlx_lm_tok_s']:.1f} tok/s; residual capture on all layers "
                         + (f"{x['capture_vs_off']:.2f}x of capture off" if x.get("capture_vs_off") else "not run")])
+    hv = results.get("harvest", {})
+    for x in hv.get("rows", []):
+        if x.get("variant") == "harvest":
+            out.append(["harvest (Parquet, all-layer residual) vs the plain batched forward",
+                        f"{x['x_forward_best']:.2f}x", f"best rounds, {x['best_tokens_per_s']:.0f} tok/s, "
+                        f"{hv['tokens']} tokens, target >= {hv['target']}x"])
     for x in results.get("attribution", {}).get("rows", []):
         out.append([f"attribution patching ({x['method']}) vs the exhaustive patching sweep",
                     f"{x['sweep_over_method']:.0f}x faster",

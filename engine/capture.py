@@ -153,11 +153,8 @@ class Capture:
     StepTensor per step. `touched[i]`: positions intervention i changed at each step."""
 
     def __init__(self, lm: LoadedModel, targets: list[HookTarget], options: CaptureOptions = CaptureOptions(),
-                 interventions: list[Intervention] = (), keep_batch: bool = False):
+                 interventions: list[Intervention] = ()):
         self.options = options
-        # keep_batch: records keep the forward's batch axis ([B, ...]; a harvest of right-padded
-        # documents slices its rows); otherwise row 0, the one request.
-        self._keep_batch = keep_batch
         self.interventions = list(interventions)
         self.touched: list[list[int]] = [[] for _ in self.interventions]
         self._slot = {id(iv): i for i, iv in enumerate(self.interventions)}  # intervention -> its `touched` row
@@ -227,11 +224,8 @@ class Capture:
 
     # --- recording ---------------------------------------------------------------------------
     def _keep(self, rec: HookRecord, array: mx.array, token_axis: int) -> None:
-        """Record `array` (batch axis first; `token_axis` counted without it)."""
-        if self._keep_batch:
-            token_axis += 1
-        else:
-            array = array[0]
+        """Record row 0 of `array` (the request's; `token_axis` counted without the batch axis)."""
+        array = array[0]
         n = array.shape[token_axis]
         start = self._start
         if self.options.positions == "last" and n > 1:

@@ -29,14 +29,14 @@ import engine  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-from engine.capture import Capture
+from engine.capture import BatchCapture, Capture
 from engine.errors import ContextLengthExceeded, InvalidArgument
 from engine.generate import Forward
 from engine.hooks import HookTarget, per_token_shape, resolve_hooks
 from engine.model import LoadedModel
 from engine.params import CaptureOptions, HookSpec, SamplingParams, parse
 from engine.plan import prompt_ids
-from shm.format import column_names, stack_token_major, to_numpy
+from shm.format import column_names, stack_token_major
 from vocabulary import COMPONENTS
 
 DOC_ID, POSITION, TOKEN_ID = "doc_id", "position", "token_id"
@@ -82,6 +82,11 @@ def capture_prompt(lm: LoadedModel, token_ids: list[int], targets: list[HookTarg
     capture = Capture(lm, list(targets), CaptureOptions(dtype=dtype))
     with capture.installed(lm):
         Forward(lm, SamplingParams(max_tokens=1, temperature=0), capture)(list(token_ids), sample=False)
+    return _columns(capture, key_pad_to)
+
+
+def _columns(capture: Capture, key_pad_to: int | None) -> dict[str, np.ndarray]:
+    """A prompt's capture as column name -> [T, *per_token] token-major numpy arrays."""
     names = column_names([(r.hook_id, r.is_input) for r in capture.records])
     out = {}
     for name, rec in zip(names, capture.records):
@@ -115,23 +120,15 @@ def capture_batch(lm: LoadedModel, docs: list[list[int]], targets: list[HookTarg
     lengths = [len(d) for d in docs]
     width = max(lengths)
     tokens = mx.array([d + [d[-1]] * (width - len(d)) for d in docs])  # any token pads: it is never attended to
-    capture = Capture(lm, list(targets), CaptureOptions(dtype=dtype), keep_batch=True)
-    with capture.installed(lm):
+    # One Capture per document; BatchCapture hands each its own row and tokens (a chat batch's
+    # prompts join the same way: engine/batch.py).
+    captures = [Capture(lm, list(targets), CaptureOptions(dtype=dtype)) for _ in docs]
+    for capture in captures:
         capture.begin_step(0, 0)
+    with BatchCapture(list(enumerate(captures)), lengths, [slice(0, n) for n in lengths]).installed():
         lm.model(tokens, cache=plain_cache(lm))  # the logits stay lazy: never computed
-        mx.eval(*capture.end_step())
-    names = column_names([(r.hook_id, r.is_input) for r in capture.records])
-    out: list[dict[str, np.ndarray]] = [{} for _ in docs]
-    for name, rec in zip(names, capture.records):
-        comp = COMPONENTS[rec.component]
-        batch = to_numpy(rec.steps[0].array)  # [B, *engine layout]
-        for i, n in enumerate(lengths):
-            rows = batch[i][(slice(None),) * comp.token_axis + (slice(0, n),)]
-            if comp.key_pad is not None:
-                rows = rows[..., :n]  # keys past the document are padding (masked: -inf, 0)
-            pad = key_pad_to if comp.key_pad is not None else None
-            out[i][name] = stack_token_major(rec.component, [rows], key_pad_to=pad)
-    return out
+    mx.eval(*(a for capture in captures for a in capture.end_step()))
+    return [_columns(capture, key_pad_to) for capture in captures]
 
 
 # A group's longest document at most this many times its shortest: padding is computed and thrown
