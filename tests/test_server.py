@@ -524,8 +524,9 @@ def test_stream_with_shm_final_chunk_has_the_handle(base):
 
 
 def test_concurrent_mixed_requests_each_get_their_own_result(base):
-    """Requests queue on one worker; shm writes overlap later generations. Every answer is the
-    one a request would get alone."""
+    """Requests decode together in the batch; shm writes overlap later steps. Every answer is the
+    one a request would get alone: the same tokens, activations within float32 rounding (a
+    batched matmul may sum in another order; see tests/test_batching.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
     hooks = [{"layer_name": "transformer.h.1", "component": "residual", "hook_id": "r"},
@@ -555,7 +556,10 @@ def test_concurrent_mixed_requests_each_get_their_own_result(base):
                 requests.delete(f"{base}/v1/activations/{out['capture']['capture_id']}", timeout=10)
         assert set(got) == set(want[prompt])
         for key, a in want[prompt].items():
-            np.testing.assert_array_equal(got[key], a, err_msg=f"{prompt} {key}")
+            finite = np.isfinite(a)
+            np.testing.assert_array_equal(np.isfinite(got[key]), finite, err_msg=f"{prompt} {key}")
+            np.testing.assert_allclose(got[key][finite], a[finite], rtol=0, atol=1e-5 * np.abs(a[finite]).max(),
+                                       err_msg=f"{prompt} {key}")
         return True
 
     with ThreadPoolExecutor(8) as pool:
