@@ -24,8 +24,9 @@ bench: setup model
 
 setup: system-deps $(STAMP)
 
-# Debian packages: OpenBLAS (33x faster float32 matmul for mlx on the CPU) and the Squeak VM
-# with the Scratch image (the Smalltalk client's tests). Skipped where apt or root is missing.
+# Debian packages: OpenBLAS (33x faster float32 matmul for mlx on the CPU), the Squeak VM with the
+# Scratch image (the Smalltalk client's tests) and chromium (the viewer's browser tests). Skipped
+# where apt or root is missing.
 system-deps:
 	@sh scripts/system-deps.sh
 
