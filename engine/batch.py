@@ -5,12 +5,13 @@ and the batch's KV caches are mlx-lm's `BatchKVCache` (left padding, `extend` to
 `filter` to leave). What is ours is that every request keeps its own hooks, interventions,
 positions, sampler, stop strings and log-probabilities:
 
-- a request joins by running its prompt alone (its own `Forward`, its capture installed as
-  for a lone run: no padding anywhere in a prompt's activations), then its cache is merged
-  into the batch's;
-- every decode step feeds one token per request through the model once, with a
-  `BatchCapture` that hands each request's capture only its own row (its keys and attention
-  columns without the batch's padding);
+- requests admitted together run their prompts in one right-padded forward (`join`): a
+  causal model never lets a prompt token see the padding after it, and the cache then turns
+  the right padding into the left padding decoding uses; their caches join the batch's;
+- every decode step feeds one token per request through the model once;
+- in both, a `BatchCapture` hands each request's capture only its own row (its real tokens,
+  its keys and attention columns without the batch's padding), and its interventions change
+  only that row;
 - each request's tokens go through its own `Generation` (engine/generate.py), the same
   bookkeeping a lone run uses, so events, finish reasons and the Completion are identical.
 
