@@ -200,12 +200,11 @@ class ModelService:
                 self._batch = Batch(lm)
             if self._batch.lm is not lm:
                 break  # the batch drains first
-            if chat.deadline is None and self.config.max_seconds_per_request is not None:
-                chat.deadline = time.monotonic() + self.config.max_seconds_per_request
             if not self._can_batch(lm):
                 if joining:
                     break
                 self._waiting.popleft()
+                self._start_clock(chat)
                 self._run_alone(chat)
                 continue
             plans = [row.gen.plan for row in self._batch.rows] + [c.plan for c in joining]
@@ -215,12 +214,18 @@ class ModelService:
                     (plans and used + chat.plan.capture_bytes > self.config.capture_budget_bytes) or \
                     (joining and (len(joining) >= JOIN_ROWS or width * (len(joining) + 1) > JOIN_TOKENS)):
                 break
+            self._start_clock(chat)
             joining.append(self._waiting.popleft())
         if joining:
             self._batch.join([(c.plan, (c.result is None and c.on_event) or _ignore,
                                lambda result, error, c=c: self._plan_done(c, result, error),
                                lambda c=c: c.job.cancelled.is_set() or c.done.cancelled(), c.deadline)
                               for c in joining])
+
+    def _start_clock(self, chat: _Chat) -> None:
+        """The server's time limit counts from when a chat starts generating (its baseline shares it)."""
+        if chat.deadline is None and self.config.max_seconds_per_request is not None:
+            chat.deadline = time.monotonic() + self.config.max_seconds_per_request
 
     def _plan_done(self, chat: _Chat, result, error: BaseException | None) -> None:
         if error is not None:
