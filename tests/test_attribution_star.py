@@ -26,24 +26,9 @@ from engine.api import Model
 from engine.attribution import ARROW_STREAM, plan_attribution, run_attribution
 from engine.interventions import sources_from
 from tests.reference import assert_close
-from tests.test_attribution import (CLEAN, CORRUPTED, DeltaEdit, _body, _setup, attribute, by_key,  # noqa: F401
-                                   client, metric_of)  # client: the HTTP fixture
+from tests.test_attribution import (CLEAN, CORRUPTED, DeltaEdit, _body, _one_torch_thread, _setup,  # noqa: F401
+                                   arch, attribute, by_key, client, metric_of)  # the fixtures too
 from tests.test_interventions import Reference
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(params=["llama", "gpt2"])
-def arch(request) -> str:
-    return request.param
 
 
 @pytest.fixture
