@@ -27,7 +27,7 @@ from typing import Any, Callable
 import engine
 from control.errors import Busy, InvalidRequest, ModelPathForbidden, NoModelLoaded, from_engine
 from control.schemas import logprob_values, sampling_values
-from engine.batch import JOIN_ROWS, JOIN_TOKENS, Batch, batchable
+from engine.batch import Batch, batchable, can_join
 from engine.default_model import MODEL_ID as DEFAULT_MODEL_ID
 from engine.default_model import default_model_dir, ensure_default_model
 from engine.errors import EngineError
@@ -186,8 +186,7 @@ class ModelService:
 
     def _admit(self) -> None:
         """Move waiting chats into the batch, in order, while it has room for them; those
-        admitted together run their prompts in one forward (up to JOIN_ROWS prompts and
-        JOIN_TOKENS padded tokens)."""
+        admitted together run their prompts in one forward (as many as `can_join` allows)."""
         joining: list[_Chat] = []
         while self._waiting:
             chat = self._waiting[0]
@@ -209,10 +208,9 @@ class ModelService:
                 continue
             plans = [row.gen.plan for row in self._batch.rows] + [c.plan for c in joining]
             used = sum(p.capture_bytes for p in plans)
-            width = max([len(c.plan.prompt) for c in joining] + [len(chat.plan.prompt)])
             if len(plans) >= self.config.max_batch_size or \
                     (plans and used + chat.plan.capture_bytes > self.config.capture_budget_bytes) or \
-                    (joining and (len(joining) >= JOIN_ROWS or width * (len(joining) + 1) > JOIN_TOKENS)):
+                    not can_join([len(c.plan.prompt) for c in joining], len(chat.plan.prompt)):
                 break
             self._start_clock(chat)
             joining.append(self._waiting.popleft())

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from engine.attribution import AttributionPlan, plan_attribution, run_attribution
-from engine.batch import Batch, batchable
+from engine.batch import Batch, batchable, can_join
 from engine.errors import InvalidArgument
 from engine.generate import Completion, TokenEvent, generate
 from engine.hooks import hook_points, resolve_hook
@@ -209,9 +209,12 @@ class Model:
                 errors.append(error)
 
         while waiting or len(batch):
-            while waiting and len(batch) < max_batch_size and not errors:
-                i, plan = waiting.pop()
-                batch.add(plan, lambda event: None, lambda r, e, i=i: done(i, r, e), lambda: bool(errors))
+            joining: list[tuple[int, GenerationPlan]] = []
+            while waiting and len(batch) + len(joining) < max_batch_size and \
+                    can_join([len(p.prompt) for _, p in joining], len(waiting[-1][1].prompt)):
+                joining.append(waiting.pop())
+            batch.join([(plan, lambda event: None, lambda r, e, i=i: done(i, r, e), lambda: bool(errors), None)
+                        for i, plan in joining])
             if errors:
                 raise errors[0]
             batch.step()

@@ -39,6 +39,12 @@ from engine.plan import GenerationPlan
 JOIN_ROWS, JOIN_TOKENS = 8, 4096
 
 
+def can_join(joining: list[int], length: int) -> bool:
+    """Whether a prompt of `length` tokens may run in one forward with prompts of the `joining`
+    lengths (the first always may)."""
+    return not joining or (len(joining) < JOIN_ROWS and max(*joining, length) * (len(joining) + 1) <= JOIN_TOKENS)
+
+
 def batchable(lm: LoadedModel) -> bool:
     """Whether the model runs exactly in a batch. Its cache must be plain keys and values in
     every layer (what BatchKVCache batches; sliding-window, recurrent and other caches run one
