@@ -138,16 +138,6 @@ def _call_module(active, module, cls: type, x, args, kwargs, x_name: str | None,
     return after(out)
 
 
-def _set_rows(x: mx.array, rows: list[tuple[int, mx.array]]) -> mx.array:
-    """`x` with the given batch rows replaced (each [1, ...])."""
-    if not rows:
-        return x
-    parts = [x[i:i + 1] for i in range(x.shape[0])]
-    for i, row in rows:
-        parts[i] = row
-    return mx.concatenate(parts, axis=0)
-
-
 class Capture:
     """One request's hooks and interventions. Records: one HookRecord per (hook, direction), one
     StepTensor per step. `touched[i]`: positions intervention i changed at each step."""
