@@ -29,6 +29,7 @@ from engine.errors import EngineError
 from engine.generate import token_texts
 from shm.format import RESERVED_COLUMNS
 from shm.reader import read_capture_bytes, read_table
+from vocabulary import COMPONENTS
 
 STATIC = Path(__file__).resolve().parent / "viz"
 # The only files served under /viz/ (nothing else in the folder, no path from the request).
@@ -46,7 +47,6 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-PER_HEAD = ("attention_pattern", "attention_scores", "query", "key", "value", "head_output")
 
 
 async def page(request: Request) -> Response:
@@ -98,7 +98,8 @@ def select_columns(data: memoryview, hooks: list[str] | None, heads: list[int] |
     for name in [*RESERVED_COLUMNS, *columns]:
         field, column = table.schema.field(name), table.column(name)
         meta = field.metadata or {}
-        if heads is not None and meta.get(b"nsbridge.component", b"").decode() in PER_HEAD:
+        component = COMPONENTS.get(meta.get(b"nsbridge.component", b"").decode())
+        if heads is not None and component is not None and component.per_head:
             field, column = _pick_heads(field, column, heads)
         fields.append(field)
         arrays.append(column)
