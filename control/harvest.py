@@ -154,14 +154,12 @@ class Harvests:
                 for doc in body.documents:
                     f.write(json.dumps(doc.model_dump(exclude_none=True)) + "\n")
             return path
-        config = self.service.config
-        resolved = Path(body.input_path).expanduser().resolve()  # decided before touching the path
-        if not config.allow_any_model and not any(resolved.is_relative_to(d.resolve())
-                                                  for d in self.service.allowed_dirs()):
+        if not self.service.may_read(body.input_path):
             raise InputForbidden(f"reading {body.input_path!r} is not allowed: input files must live under "
                                  f"{', '.join(str(d) for d in self.service.allowed_dirs())} (start the server "
                                  "with --allow-model-dir, set an API key to allow any path, or send 'documents')",
                                  "input_path")
+        resolved = Path(body.input_path).expanduser().resolve()
         try:
             check_readable(resolved)
         except InputError as exc:

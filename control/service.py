@@ -267,13 +267,18 @@ class ModelService:
             raise NoModelLoaded("no model is loaded: POST /v1/models/load with {\"model_path\": ...} first")
         return self.model
 
+    def may_read(self, path: str) -> bool:
+        """Whether a client may have the server read `path`: anywhere with an API key, else only
+        under the allowed directories. Decided on the resolved path before touching it, so clients
+        learn nothing about other paths."""
+        if self.config.allow_any_model:
+            return True
+        resolved = Path(path).expanduser().resolve()
+        return any(resolved.is_relative_to(d.resolve()) for d in self.allowed_dirs())
+
     def check_model_path(self, model_path: str) -> None:
         """Without an API key, clients may only load models from the configured directories."""
-        if self.config.allow_any_model or model_path in ("default", DEFAULT_MODEL_ID):
-            return
-        # Decide on the resolved path before touching it, so clients learn nothing about other paths.
-        resolved = Path(model_path).expanduser().resolve()
-        if any(resolved.is_relative_to(d.resolve()) for d in self.allowed_dirs()):
+        if model_path in ("default", DEFAULT_MODEL_ID) or self.may_read(model_path):
             return
         raise ModelPathForbidden(
             f"loading {model_path!r} is not allowed: models must live under "
