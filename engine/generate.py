@@ -135,6 +135,14 @@ class StepLogprobs:
         return TokenLogprob(token, arrays["logprob"].item(), top, targets)
 
 
+def capture_cache(model) -> list:
+    """A fresh prompt cache for a forward with a capture installed. A rotating cache (sliding-window
+    layers) keeps only the window's keys, in ring order; the capture's key axis and key/value
+    interventions need every key at its position. A full cache with the window in the mask
+    computes the same attention."""
+    return [KVCache() if isinstance(c, RotatingKVCache) else c for c in make_prompt_cache(model)]
+
+
 class Sampler:
     """A request's sampler: mlx-lm's filters, then a draw. A seeded request draws from its own
     random stream, so it samples the same tokens alone or beside other requests in a batch."""
@@ -172,12 +180,7 @@ class Forward:
     def __init__(self, lm: LoadedModel, sampling: SamplingParams, capture: Capture | None = None,
                  logprobs: LogprobOptions | None = None):
         self._model = lm.model
-        self.cache = make_prompt_cache(lm.model)
-        if capture is not None:
-            # A rotating cache (sliding-window layers) keeps only the window's keys, in ring order; the
-            # capture's key axis and key/value interventions need every key at its position. A full
-            # cache with the window in the mask computes the same attention.
-            self.cache = [KVCache() if isinstance(c, RotatingKVCache) else c for c in self.cache]
+        self.cache = capture_cache(lm.model) if capture is not None else make_prompt_cache(lm.model)
         self._sampler = Sampler(sampling, lm.info.vocab_size)
         self._capture = capture
         self._logprobs = StepLogprobs(logprobs) if logprobs is not None and logprobs.wanted else None

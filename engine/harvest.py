@@ -27,11 +27,11 @@ import pyarrow as pa
 
 import engine  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache
 
 from engine.capture import BatchCapture, Capture
 from engine.errors import ContextLengthExceeded, InvalidArgument
-from engine.generate import Forward
+from engine.generate import Forward, capture_cache
 from engine.hooks import HookTarget, per_token_shape, resolve_hooks
 from engine.model import LoadedModel
 from engine.params import CaptureOptions, HookSpec, SamplingParams, parse
@@ -99,7 +99,7 @@ def plain_cache(lm: LoadedModel) -> list | None:
     """A fresh KV cache for one batched prefill, as `Forward` builds it for a capture (a rotating
     cache becomes a full one); None when some layer's cache is not a plain KV cache (SSM or
     other state), where the harvest runs one document per forward."""
-    cache = [KVCache() if isinstance(c, RotatingKVCache) else c for c in make_prompt_cache(lm.model)]
+    cache = capture_cache(lm.model)
     return cache if all(type(c) is KVCache for c in cache) else None
 
 
