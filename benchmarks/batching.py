@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import orjson
 import requests
 
 from benchmarks.report import RESULTS_DIR, machine_info, percentile, print_table, progress, write_result
+from tests.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("mlx_lm", "off", "capture")
@@ -68,14 +68,6 @@ def prompt(i: int) -> str:
 
 
 # --- servers ---------------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def openblas_path() -> str | None:
     """The OpenBLAS library nsbridge loads itself (engine/blas.py's candidates), for LD_PRELOAD."""
     from engine.blas import _CANDIDATES
@@ -87,104 +79,61 @@ def openblas_path() -> str | None:
     return None
 
 
-def nsbridge_executable() -> list[str]:
-    exe = Path(sys.executable).parent / "nsbridge"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("nsbridge")
-    return [found] if found else [sys.executable, "-m", "control.cli"]
+class MlxLmServer(ServerProcess):
+    """`mlx_lm.server` on a free loopback port (the test suite's server process, another command)."""
+
+    def __init__(self, model: Path, state_dir: Path, env: dict):
+        self.mlx_model = model
+        super().__init__(state_dir=state_dir, env=env)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mlx_lm", "server", "--model", str(self.mlx_model), "--host", "127.0.0.1",
+                "--port", str(self.port), "--log-level", "WARNING"]
 
 
-class Server:
-    """A server process on a free loopback port, its output in a log file."""
-
-    def __init__(self, name: str, cmd: list[str], port: int, ready_path: str, env: dict | None, log_dir: Path):
-        self.name, self.port, self.ready_path = name, port, ready_path
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-
-    def wait_ready(self, timeout: float = 600.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.base_url + self.ready_path, timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.name} did not start in {timeout:.0f}s:\n{self.log_tail()}")
-
-    def has_library(self, fragment: str) -> bool:
-        """Whether the process has a library whose path contains `fragment` mapped (Linux)."""
-        try:
-            return fragment in Path(f"/proc/{self.proc.pid}/maps").read_text()
-        except OSError:
-            return False
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the process so far (Linux), all its threads."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+def has_library(server: ServerProcess, fragment: str) -> bool:
+    """Whether the server process has a library whose path contains `fragment` mapped (Linux)."""
+    try:
+        return fragment in Path(f"/proc/{server.proc.pid}/maps").read_text()
+    except OSError:
+        return False
 
 
-def start_mlx_lm(model: Path, log_dir: Path) -> Server:
+def cpu_seconds(server: ServerProcess) -> float | None:
+    """User + system CPU time of the server process so far (Linux), all its threads."""
+    try:
+        fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def start_mlx_lm(model: Path, log_dir: Path) -> ServerProcess:
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     blas = openblas_path()
     if blas:
         env["LD_PRELOAD"] = ":".join(p for p in (blas, os.environ.get("LD_PRELOAD", "")) if p)
     (Path.home() / ".cache" / "huggingface" / "hub").mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "WARNING"]
-    return Server("mlx_lm", cmd, port, "/health", env, log_dir)
+    state = log_dir / "mlx_lm"
+    state.mkdir()
+    return MlxLmServer(model, state, env)
 
 
 def nsbridge_flags() -> str:
     try:
-        return subprocess.run([*nsbridge_executable(), "serve", "--help"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+        return subprocess.run([sys.executable, "-m", "control.cli", "serve", "--help"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
 
 
-def start_nsbridge(model: Path, log_dir: Path, max_batch: int, queue: int) -> tuple[Server, list[str]]:
-    port = free_port()
+def start_nsbridge(model: Path, log_dir: Path, max_batch: int, queue: int) -> tuple[ServerProcess, list[str]]:
     extra = ["--queue-size", str(queue)]
     if "--max-batch-size" in nsbridge_flags():
         extra += ["--max-batch-size", str(max_batch)]
-    state = log_dir / "nsbridge-state"
-    state.mkdir(exist_ok=True)
-    cmd = [*nsbridge_executable(), "serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(model),
-           "--state-dir", str(state), "--log-level", "warning", *extra]
-    # The checkout first on the path: an editable install made before a package was added to
-    # the project (harvest/, say) does not see it from the console script.
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    return Server("nsbridge", cmd, port, "/health", env, log_dir), extra
+    state = log_dir / "nsbridge"
+    state.mkdir()
+    return ServerProcess(str(model), state, extra, log_level="warning"), extra
 
 
 # --- clients ---------------------------------------------------------------------------------
@@ -306,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress("batching: preparing the default model")
     model = ensure_default_model()
     machine = machine_info()
-    servers: dict[str, Server] = {}
+    servers: dict[str, ServerProcess] = {}
     result: dict = {}
     with tempfile.TemporaryDirectory(prefix="nsbridge-batching-") as tmp:
         log_dir = Path(tmp)
@@ -318,13 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
                 progress("batching: starting nsbridge serve")
                 servers["nsbridge"], ns_flags = start_nsbridge(model, log_dir, max_batch, max(64, 4 * max(args.clients)))
             for s in servers.values():
-                s.wait_ready()
+                s.wait_ready(600)
             n_layers = 0
             if "nsbridge" in servers:
                 info = requests.get(servers["nsbridge"].base_url + "/v1/models", timeout=30).json()["data"][0]
                 n_layers = int(info["n_layers"])
             blas = openblas_path()
-            loaded = {name: (s.has_library("openblas") if blas else False) for name, s in servers.items()}
+            loaded = {name: (has_library(s, "openblas") if blas else False) for name, s in servers.items()}
             progress(f"batching: OpenBLAS mapped: {loaded}")
             url = {c: servers["mlx_lm" if c == "mlx_lm" else "nsbridge"].base_url for c in args.configs}
 
@@ -343,11 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
                     progress(f"batching: {c} with {clients} clients x {args.requests_per_client} requests, "
                              f"{args.max_tokens} tokens each")
                     idle = {n: s for n, s in servers.items() if n != ("mlx_lm" if c == "mlx_lm" else "nsbridge")}
-                    cpu0 = {n: s.cpu_seconds() for n, s in idle.items()}
+                    cpu0 = {n: cpu_seconds(s) for n, s in idle.items()}
                     row = run_level(c, url[c], clients, args.requests_per_client, args.max_tokens, n_layers, first, c)
                     row["order"] = order.index(c)
                     # CPU the idle server took meanwhile (it should be ~0: both share the cores)
-                    row["idle_server_cpu_s"] = {n: round(s.cpu_seconds() - cpu0[n], 2) for n, s in idle.items()
+                    row["idle_server_cpu_s"] = {n: round(cpu_seconds(s) - cpu0[n], 2) for n, s in idle.items()
                                                 if cpu0[n] is not None}
                     measured.append(row)
                     progress(f"batching: {c} clients={clients}: {row['tokens_per_s']:.1f} tok/s "
@@ -389,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{args.requests_per_client} request(s) per client, a different long-answer prompt per "
                         f"request (the same prompts for every configuration); tokens/s = completion tokens / wall "
                         f"time; capture = residual stream of all {n_layers} layers, shm transport, released at once"),
-        "servers": {name: {"command": " ".join(s.cmd), "openblas_mapped": loaded.get(name)}
+        "servers": {name: {"command": " ".join(s.command()), "openblas_mapped": loaded.get(name)}
                     for name, s in servers.items()},
         "openblas": openblas_path(),
         "nsbridge_flags": ns_flags if "nsbridge" in servers else None,
