@@ -1,4 +1,4 @@
-"""The Python client's `attribution` against a real server (its own `nsbridge serve`, on loopback) with the
+"""The Python client's `attribution` against a real server (the suite's `nsbridge serve` on loopback) with the
 tiny random llama: the Arrow and JSON answers decode to the same result, which is what the engine computes
 in this process for the same request; the result's arrays and matrix(); errors raise with the field."""
 
@@ -9,7 +9,6 @@ import pytest
 
 from bridge import AttributionResult, LMStudioNeuroScopeClient, NeuroScopeServerError
 from engine.api import Model
-from tests.conftest import ServerProcess
 
 CLEAN = "John gave Mary the book because she"
 CORRUPTED = "Mary gave John the book because she"
@@ -18,15 +17,8 @@ SITES = ["blocks.0.hook_attn_out", "blocks.1.hook_attn_out", "blocks.2.hook_attn
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_path, tmp_path_factory):
-    s = ServerProcess(str(tiny_llama_path), tmp_path_factory.mktemp("attribution-server"))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    c = LMStudioNeuroScopeClient(server.base_url)
+def client(tiny_server):  # attribution keeps nothing on the server: the shared one serves
+    c = LMStudioNeuroScopeClient(tiny_server.base_url)
     yield c
     c.close()
 
